@@ -1,0 +1,5 @@
+"""``python -m metering`` runs the command line."""
+
+from metering.cli import main
+
+main()

@@ -1,0 +1,174 @@
+"""Prompt tokens of a Claude request (the Anthropic Messages body): exact through the API, or estimated.
+
+Claude's tokenizer is not public. The exact count comes from Anthropic's ``messages.count_tokens``
+endpoint through the official SDK, when the caller configures a client. Offline we estimate:
+the text is counted with tiktoken's o200k_base and multiplied by the model's safety factor (rounded up,
+so the estimate errs on the side of reserving enough quota); images cost (w x h)/750 after Anthropic's
+resize; tools add Anthropic's documented tool-use system prompt. Estimated counts say so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from metering.count_cache import DEFAULT_CACHE, TokenCountCache
+from metering.errors import RequestError, TokenCountUnavailable
+from metering.images import decode_base64, size_from_bytes
+from metering.model_table import fraction_text
+from metering.models import ResolvedModel
+from metering.prompt_count import ImageTally, PromptCount, TextCounter, require, text_counter
+from pricing.usage import UsageSource
+
+#: Body fields the count_tokens endpoint accepts (everything else, e.g. max_tokens, is not sent).
+COUNT_TOKENS_FIELDS = ("messages", "system", "tools", "tool_choice", "thinking", "mcp_servers")
+#: tool_choice types that use the shorter "any/tool" tool-use system prompt.
+FORCED_TOOL_CHOICES = frozenset({"any", "tool"})
+
+
+def estimate_claude(
+    body: Mapping[str, Any],
+    resolved: ResolvedModel,
+    *,
+    image_sizes: Mapping[str, tuple[int, int]] | None = None,
+    cache: TokenCountCache | None = DEFAULT_CACHE,
+) -> PromptCount:
+    """Estimate the input tokens of an Anthropic Messages request offline (always marked estimated)."""
+    spec = resolved.spec
+    if spec.claude_safety_factor is None or spec.claude_tool_prompt is None:
+        raise ValueError(f"{resolved.canonical} is not a Claude model")
+    count = text_counter(spec.encoding, cache)
+    images = ImageTally(spec.image, image_sizes)
+    framing = spec.framing
+    system_tokens = _system_tokens(body.get("system"), count)
+    messages = require(body.get("messages"), list, ("messages",), "a list of messages")
+    message_tokens = tuple(
+        framing.tokens_per_message + _message_tokens(message, index, count, images)
+        for index, message in enumerate(messages)
+    )
+    tools_text, tool_prompt = _tools_tokens(body, count, spec.claude_tool_prompt)
+    # Message tokens include their images; only the text part is scaled by the safety factor.
+    text_tokens = system_tokens + sum(message_tokens) - images.tokens + tools_text + framing.reply_priming
+    scaled = math.ceil(text_tokens * spec.claude_safety_factor)
+    return PromptCount(
+        model=resolved.requested,
+        canonical_model=resolved.canonical,
+        provider=spec.provider,
+        encoding=None,
+        prompt_tokens=scaled + images.tokens + tool_prompt,
+        source=UsageSource.ESTIMATED,
+        message_tokens=message_tokens,
+        system_tokens=system_tokens,
+        tools_tokens=tools_text + tool_prompt,
+        priming_tokens=framing.reply_priming,
+        images=images.images,
+        image_tokens=images.tokens,
+        estimated_images=images.estimated,
+        notes=(f"estimate: {spec.encoding} text tokens x {fraction_text(spec.claude_safety_factor)}, rounded up",),
+    )
+
+
+def count_claude_exact(body: Mapping[str, Any], resolved: ResolvedModel, client: Any) -> PromptCount:
+    """The exact input tokens from Anthropic's ``messages.count_tokens`` through the SDK ``client``."""
+    import anthropic  # imported here: the offline paths never need the SDK loaded
+
+    require(body.get("messages"), list, ("messages",), "a list of messages")
+    params = {key: body[key] for key in COUNT_TOKENS_FIELDS if body.get(key) is not None}
+    try:
+        result = client.messages.count_tokens(model=resolved.requested, **params)
+    except anthropic.APIError as exc:
+        raise TokenCountUnavailable(f"count_tokens failed for {resolved.requested}: {exc}") from exc
+    tokens = getattr(result, "input_tokens", None)
+    if not isinstance(tokens, int) or tokens < 0:
+        raise TokenCountUnavailable(f"count_tokens returned no input_tokens for {resolved.requested}")
+    return PromptCount(
+        model=resolved.requested,
+        canonical_model=resolved.canonical,
+        provider=resolved.spec.provider,
+        encoding=None,
+        prompt_tokens=tokens,
+        source=UsageSource.UPSTREAM,
+        notes=("exact: Anthropic messages.count_tokens",),
+    )
+
+
+def _system_tokens(system: Any, count: TextCounter) -> int:
+    if system is None:
+        return 0
+    if isinstance(system, str):
+        return count(system)
+    tokens = 0
+    for index, block in enumerate(require(system, list, ("system",), "a string or a list of text blocks")):
+        block = require(block, dict, ("system", index), "a text block")
+        tokens += count(require(block.get("text"), str, ("system", index, "text"), "a string"))
+    return tokens
+
+
+def _message_tokens(message: Any, index: int, count: TextCounter, images: ImageTally) -> int:
+    path = ("messages", index)
+    message = require(message, dict, path, "a message object")
+    role = require(message.get("role"), str, (*path, "role"), "a string")
+    content = message.get("content")
+    if isinstance(content, str):
+        return count(role) + count(content)
+    blocks = require(content, list, (*path, "content"), "a string or a list of content blocks")
+    return count(role) + sum(
+        _block_tokens(block, (*path, "content", block_index), count, images) for block_index, block in enumerate(blocks)
+    )
+
+
+def _block_tokens(block: Any, path: tuple[str | int, ...], count: TextCounter, images: ImageTally) -> int:
+    block = require(block, dict, path, "a content block object")
+    kind = block.get("type")
+    if kind == "text":
+        return count(require(block.get("text"), str, (*path, "text"), "a string"))
+    if kind == "image":
+        return _image_tokens(block.get("source"), (*path, "source"), images)
+    if kind == "tool_use":
+        name = require(block.get("name"), str, (*path, "name"), "a string")
+        return count(name) + count(json.dumps(block.get("input") or {}, ensure_ascii=False, separators=(",", ":")))
+    if kind == "tool_result":
+        content = block.get("content")
+        if content is None or isinstance(content, str):
+            return count(content or "")
+        nested = require(content, list, (*path, "content"), "a string or a list of blocks")
+        return sum(_block_tokens(item, (*path, "content", i), count, images) for i, item in enumerate(nested))
+    if kind == "thinking":
+        return count(require(block.get("thinking"), str, (*path, "thinking"), "a string"))
+    if kind == "redacted_thinking":
+        return 0  # encrypted: its size is not the model's token count, and it is not re-sent as text
+    raise RequestError((*path, "type"), f"content block type {kind!r} cannot be counted")
+
+
+def _image_tokens(source: Any, path: tuple[str | int, ...], images: ImageTally) -> int:
+    source = require(source, dict, path, "an image source object")
+    kind = source.get("type")
+    if kind == "base64":
+        data = require(source.get("data"), str, (*path, "data"), "a base64 string")
+        return images.add_size(size_from_bytes(decode_base64(data, (*path, "data")), (*path, "data")))
+    if kind == "url":
+        return images.add_url(source.get("url"), "auto", (*path, "url"))
+    if kind == "file":
+        return images.add_size(None)  # a Files API id: the size is not ours to know
+    raise RequestError((*path, "type"), f"image source type {kind!r} cannot be counted")
+
+
+def _tools_tokens(body: Mapping[str, Any], count: TextCounter, tool_prompt: tuple[int, int]) -> tuple[int, int]:
+    """(tokens of the tool definitions, tokens of the tool-use system prompt)."""
+    tools = body.get("tools")
+    if not tools:
+        return 0, 0
+    text = 0
+    for index, tool in enumerate(require(tools, list, ("tools",), "a list of tools")):
+        tool = require(tool, dict, ("tools", index), "a tool object")
+        text += count(require(tool.get("name"), str, ("tools", index, "name"), "a string"))
+        text += count(require(tool.get("description") or "", str, ("tools", index, "description"), "a string"))
+        schema = tool.get("input_schema")
+        if schema is not None:
+            text += count(json.dumps(schema, ensure_ascii=False, separators=(",", ":")))
+    choice = body.get("tool_choice") or {}
+    choice_type = require(choice, dict, ("tool_choice",), "an object").get("type", "auto")
+    auto_or_none, any_or_tool = tool_prompt
+    return text, any_or_tool if choice_type in FORCED_TOOL_CHOICES else auto_or_none

@@ -1,0 +1,167 @@
+"""The ``metering`` command line: a public contract (docs and tests use these names and fields)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from metering.counting import count_request
+from metering.errors import MeteringError
+from metering.images import parse_size
+from metering.model_table import MODELS, fraction_text
+
+app = typer.Typer(
+    name="metering",
+    help="Count, price and reconcile LLM API usage exactly.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+#: Exit code for bad input (a request that cannot be counted, an unknown model, unreadable JSON).
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print ``error: message`` to stderr and exit with ``code``."""
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_json(source: str) -> Any:
+    """Parse JSON from a path or ``-`` (stdin); a parse error names the line and column."""
+    name = "<stdin>" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"{name}: cannot read: {exc}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"{name}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg})")
+
+
+def _image_sizes(values: list[str]) -> dict[str, tuple[int, int]]:
+    sizes: dict[str, tuple[int, int]] = {}
+    for value in values:
+        url, sep, size = value.rpartition("=")
+        if not sep or not url:
+            fail(f"--image-size must look like URL=WIDTHxHEIGHT, got {value!r}")
+        try:
+            sizes[url] = parse_size(size)
+        except ValueError as exc:
+            fail(f"--image-size: {exc}")
+    return sizes
+
+
+@app.command()
+def count(
+    request: Annotated[str, typer.Option("--request", "-r", help="Request body JSON file, or - for stdin.")],
+    model: Annotated[Optional[str], typer.Option(help="Model to count for (default: the body's model).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    image_size: Annotated[
+        Optional[list[str]],
+        typer.Option("--image-size", help="Size of a remote image: URL=WIDTHxHEIGHT (repeatable)."),
+    ] = None,
+    anthropic_exact: Annotated[
+        bool,
+        typer.Option(help="Claude: ask Anthropic's count_tokens endpoint (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL)."),
+    ] = False,
+) -> None:
+    """Count the prompt tokens of a chat request body (OpenAI or Anthropic format, by the model)."""
+    body = load_json(request)
+    client = None
+    if anthropic_exact:
+        import anthropic
+
+        try:
+            client = anthropic.Anthropic()
+        except anthropic.AnthropicError as exc:
+            fail(f"--anthropic-exact: {exc}")
+    try:
+        result = count_request(
+            body, model, image_sizes=_image_sizes(image_size or []), anthropic_client=client, fallback_to_estimate=False
+        )
+    except MeteringError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    stdout.print(
+        f"{result.model} ({result.canonical_model}, {result.encoding or 'no encoding'}): "
+        f"[bold]{result.prompt_tokens}[/] prompt tokens, {result.source}",
+        highlight=False,
+    )
+    for note in result.notes:
+        stdout.print(f"  note: {note}", highlight=False)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
+    """List the models the counter knows, with provider and encoding."""
+    rows = [
+        {
+            "model": name,
+            "provider": spec.provider,
+            "encoding": spec.encoding,
+            "exact_offline": spec.exact_offline,
+            "claude_safety_factor": None
+            if spec.claude_safety_factor is None
+            else fraction_text(spec.claude_safety_factor),
+        }
+        for name, spec in sorted(MODELS.items())
+    ]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table("model", "provider", "encoding", "offline count")
+    for row in rows:
+        kind = "exact" if row["exact_offline"] else f"estimate x{row['claude_safety_factor']}"
+        table.add_row(row["model"], row["provider"], row["encoding"], kind)
+    stdout.print(table)
+
+
+@app.command()
+def demo(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Count the bundled sample requests and replay the sample streams (the embedded default job)."""
+    from metering.demo import run_demo
+
+    samples = resources.files("metering").joinpath("samples")
+    show_progress = not (quiet or as_json) and stdout.is_terminal
+    results = run_demo(samples, lambda items, label: track(items, description=label, disable=not show_progress))
+    if as_json:
+        print(json.dumps(results, ensure_ascii=False))
+        return
+    requests = Table("sample request", "model", "prompt tokens", "source", title="Prompt counts")
+    for row in results["requests"]:
+        requests.add_row(row["sample"], row["model"], str(row["prompt_tokens"]), row["source"])
+    stdout.print(requests)
+    streams = Table("sample stream", "status", "input", "cached", "output", "source", title="Stream usage")
+    for row in results["streams"]:
+        usage = row["usage"]
+        streams.add_row(
+            row["sample"],
+            row["status"],
+            str(usage["input_tokens"]),
+            str(usage["cached_input_tokens"]),
+            str(usage["output_tokens"]),
+            usage["source"],
+        )
+    stdout.print(streams)
+
+
+def main() -> None:
+    """Entry point for ``python -m metering``."""
+    app()

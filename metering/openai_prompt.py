@@ -1,0 +1,204 @@
+"""Prompt tokens of an OpenAI chat request (the body as sent to /v1/chat/completions).
+
+The method is the one OpenAI publishes in its cookbook ("How to count tokens with tiktoken"):
+every message costs ``tokens_per_message`` plus the tokens of each of its string fields, a ``name``
+adds ``tokens_per_name``, and the reply is primed with 3 more. Function/tool definitions follow the
+cookbook's ``num_tokens_for_tools``. Where the cookbook is silent we document our rule next to it:
+nested object properties are counted like top-level ones, assistant tool calls cost their name and
+arguments plus a fixed framing, and ``tool_choice`` follows openai-chat-tokens' measurements.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from metering.count_cache import DEFAULT_CACHE, TokenCountCache
+from metering.errors import RequestError
+from metering.model_table import ChatFraming, ToolFraming
+from metering.models import ResolvedModel
+from metering.prompt_count import ImageTally, PromptCount, TextCounter, require, text_counter
+from pricing.usage import UsageSource
+
+#: Message keys that carry no prompt text (client-side hints some OpenAI-compatible clients send).
+IGNORED_MESSAGE_KEYS = frozenset({"cache_control", "annotations", "audio"})
+IMAGE_DETAILS = frozenset({"low", "high", "auto"})
+
+
+def count_openai_chat(
+    body: Mapping[str, Any],
+    resolved: ResolvedModel,
+    *,
+    image_sizes: Mapping[str, tuple[int, int]] | None = None,
+    cache: TokenCountCache | None = DEFAULT_CACHE,
+) -> PromptCount:
+    """Count the prompt tokens of an OpenAI chat-completions request body."""
+    spec = resolved.spec
+    count = text_counter(spec.encoding, cache)
+    framing = spec.framing
+    images = ImageTally(spec.image, image_sizes)
+    messages = require(body.get("messages"), list, ("messages",), "a list of messages")
+    message_tokens = tuple(
+        _message_tokens(message, index, count, framing, images) for index, message in enumerate(messages)
+    )
+    tools_tokens = 0
+    if spec.tools is not None:
+        tools_tokens = _definitions_tokens(body, count, spec.tools) + _choice_tokens(body, count, spec.tools)
+    total = sum(message_tokens) + tools_tokens + framing.reply_priming
+    return PromptCount(
+        model=resolved.requested,
+        canonical_model=resolved.canonical,
+        provider=spec.provider,
+        encoding=spec.encoding,
+        prompt_tokens=total,
+        source=UsageSource.ESTIMATED if images.estimated else UsageSource.LOCAL,
+        message_tokens=message_tokens,
+        tools_tokens=tools_tokens,
+        priming_tokens=framing.reply_priming,
+        images=images.images,
+        image_tokens=images.tokens,
+        estimated_images=images.estimated,
+        notes=("image size unknown: counted at the rule's maximum",) if images.estimated else (),
+    )
+
+
+def message_tokens(
+    message: Mapping[str, Any], resolved: ResolvedModel, cache: TokenCountCache | None = DEFAULT_CACHE
+) -> int:
+    """Tokens of one chat message on its own (framing included, reply priming not)."""
+    tally = ImageTally(resolved.spec.image, None)
+    return _message_tokens(message, 0, text_counter(resolved.spec.encoding, cache), resolved.spec.framing, tally)
+
+
+def _message_tokens(
+    message: Any, index: int, count: TextCounter, framing: ChatFraming, images: ImageTally
+) -> int:
+    if not isinstance(message, dict):
+        require(message, dict, ("messages", index), "a message object")
+    if "role" not in message:
+        raise RequestError(("messages", index, "role"), "is required")
+    tokens = framing.tokens_per_message
+    for key, value in message.items():
+        if type(value) is str:  # the common case first: role, string content, name, tool_call_id
+            tokens += count(value)
+            if key == "name":
+                tokens += framing.tokens_per_name
+        elif value is None or key in IGNORED_MESSAGE_KEYS:
+            continue
+        elif key == "content":
+            tokens += _parts_tokens(value, ("messages", index, "content"), count, images)
+        elif key == "tool_calls":
+            path = ("messages", index, "tool_calls")
+            for call_index, call in enumerate(require(value, list, path, "a list of tool calls")):
+                call_path = (*path, call_index)
+                function = require(call, dict, call_path, "a tool call object").get("function")
+                tokens += _call_tokens(function, (*call_path, "function"), count, framing)
+        elif key == "function_call":
+            tokens += _call_tokens(value, ("messages", index, "function_call"), count, framing)
+        else:
+            raise RequestError(("messages", index, key), f"unexpected {type(value).__name__} value")
+    return tokens
+
+
+def _parts_tokens(content: Any, path: tuple[str | int, ...], count: TextCounter, images: ImageTally) -> int:
+    parts = require(content, list, path, "a string or a list of content parts")
+    tokens = 0
+    for part_index, part in enumerate(parts):
+        part_path = (*path, part_index)
+        kind = require(part, dict, part_path, "a content part object").get("type")
+        if kind == "text":
+            tokens += count(require(part.get("text"), str, (*part_path, "text"), "a string"))
+        elif kind == "image_url":
+            tokens += _image_part_tokens(part.get("image_url"), (*part_path, "image_url"), images)
+        elif kind == "refusal":
+            tokens += count(require(part.get("refusal"), str, (*part_path, "refusal"), "a string"))
+        else:
+            raise RequestError((*part_path, "type"), f"content part type {kind!r} cannot be counted")
+    return tokens
+
+
+def _image_part_tokens(image: Any, path: tuple[str | int, ...], images: ImageTally) -> int:
+    if isinstance(image, str):  # some clients send the URL directly
+        return images.add_url(image, "auto", path)
+    image = require(image, dict, path, "an object with a url")
+    detail = image.get("detail") or "auto"
+    if detail not in IMAGE_DETAILS:
+        raise RequestError((*path, "detail"), f"must be one of low, high, auto; got {detail!r}")
+    return images.add_url(image.get("url"), detail, (*path, "url"))
+
+
+def _call_tokens(function: Any, path: tuple[str | int, ...], count: TextCounter, framing: ChatFraming) -> int:
+    function = require(function, dict, path, "a function call object")
+    name = require(function.get("name"), str, (*path, "name"), "a string")
+    arguments = function.get("arguments") or ""
+    if not isinstance(arguments, str):  # some clients send parsed JSON; the model saw it serialized
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return count(name) + count(arguments) + framing.tokens_per_tool_call
+
+
+def _definitions_tokens(body: Mapping[str, Any], count: TextCounter, tf: ToolFraming) -> int:
+    definitions: list[tuple[Any, tuple[str | int, ...]]] = []
+    tools = body.get("tools")
+    if tools is not None:
+        for index, tool in enumerate(require(tools, list, ("tools",), "a list of tools")):
+            tool = require(tool, dict, ("tools", index), "a tool object")
+            if tool.get("type", "function") != "function":
+                raise RequestError(("tools", index, "type"), f"tool type {tool.get('type')!r} cannot be counted")
+            definitions.append((tool.get("function"), ("tools", index, "function")))
+    functions = body.get("functions")
+    if functions is not None:
+        for index, function in enumerate(require(functions, list, ("functions",), "a list of functions")):
+            definitions.append((function, ("functions", index)))
+    if not definitions:
+        return 0
+    tokens = tf.func_end
+    for function, path in definitions:
+        function = require(function, dict, path, "a function definition object")
+        name = require(function.get("name"), str, (*path, "name"), "a string")
+        description = require(function.get("description") or "", str, (*path, "description"), "a string")
+        tokens += tf.func_init + count(f"{name}:{description.removesuffix('.')}")
+        parameters = require(function.get("parameters") or {}, dict, (*path, "parameters"), "an object")
+        tokens += _properties_tokens(parameters.get("properties"), (*path, "parameters", "properties"), count, tf)
+    return tokens
+
+
+def _properties_tokens(properties: Any, path: tuple[str | int, ...], count: TextCounter, tf: ToolFraming) -> int:
+    if not properties:
+        return 0
+    properties = require(properties, dict, path, "an object of properties")
+    tokens = tf.prop_init
+    for key, prop in properties.items():
+        prop = require(prop, dict, (*path, key), "a property schema object")
+        tokens += tf.prop_key
+        enum = prop.get("enum")
+        if enum is not None:
+            tokens += tf.enum_init
+            for item in require(enum, list, (*path, key, "enum"), "a list"):
+                tokens += tf.enum_item + count(item if isinstance(item, str) else json.dumps(item))
+        kind = prop.get("type", "")
+        if isinstance(kind, list):
+            kind = ",".join(str(k) for k in kind)
+        description = require(prop.get("description") or "", str, (*path, key, "description"), "a string")
+        tokens += count(f"{key}:{kind}:{description.removesuffix('.')}")
+        # Beyond the cookbook (which stops at the top level): nested objects and array items count alike.
+        tokens += _properties_tokens(prop.get("properties"), (*path, key, "properties"), count, tf)
+        items = prop.get("items")
+        if isinstance(items, dict):
+            tokens += _properties_tokens(items.get("properties"), (*path, key, "items", "properties"), count, tf)
+    return tokens
+
+
+def _choice_tokens(body: Mapping[str, Any], count: TextCounter, tf: ToolFraming) -> int:
+    for key in ("tool_choice", "function_call"):
+        choice = body.get(key)
+        if choice is None or choice in ("auto", "required"):
+            continue
+        if choice == "none":
+            return tf.choice_none
+        choice = require(choice, dict, (key,), 'one of "none", "auto", "required" or a named function')
+        named = choice.get("function") if key == "tool_choice" else choice
+        named = require(named, dict, (key, "function") if key == "tool_choice" else (key,), "an object")
+        path: Sequence[str | int] = (key, "function", "name") if key == "tool_choice" else (key, "name")
+        return count(require(named.get("name"), str, path, "a string")) + tf.choice_named_extra
+    return 0

@@ -1,0 +1,1 @@
+"""Workers: scheduled jobs, reconciliation, reports and exports (built on metering and pricing)."""
