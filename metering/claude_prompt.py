@@ -9,7 +9,6 @@ resize; tools add Anthropic's documented tool-use system prompt. Estimated count
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +18,7 @@ from metering.errors import RequestError, TokenCountUnavailable
 from metering.images import decode_base64, size_from_bytes
 from metering.model_table import fraction_text
 from metering.models import ResolvedModel
-from metering.prompt_count import ImageTally, PromptCount, TextCounter, require, text_counter
+from metering.prompt_count import ImageTally, PromptCount, TextCounter, compact_json, require, text_counter
 from pricing.usage import UsageSource
 
 #: Body fields the count_tokens endpoint accepts (everything else, e.g. max_tokens, is not sent).
@@ -128,7 +127,7 @@ def _block_tokens(block: Any, path: tuple[str | int, ...], count: TextCounter, i
         return _image_tokens(block.get("source"), (*path, "source"), images)
     if kind == "tool_use":
         name = require(block.get("name"), str, (*path, "name"), "a string")
-        return count(name) + count(json.dumps(block.get("input") or {}, ensure_ascii=False, separators=(",", ":")))
+        return count(name) + count(compact_json(block.get("input") or {}))
     if kind == "tool_result":
         content = block.get("content")
         if content is None or isinstance(content, str):
@@ -167,7 +166,7 @@ def _tools_tokens(body: Mapping[str, Any], count: TextCounter, tool_prompt: tupl
         text += count(require(tool.get("description") or "", str, ("tools", index, "description"), "a string"))
         schema = tool.get("input_schema")
         if schema is not None:
-            text += count(json.dumps(schema, ensure_ascii=False, separators=(",", ":")))
+            text += count(compact_json(schema))
     choice = body.get("tool_choice") or {}
     choice_type = require(choice, dict, ("tool_choice",), "an object").get("type", "auto")
     auto_or_none, any_or_tool = tool_prompt

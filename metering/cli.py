@@ -144,15 +144,17 @@ def demo(
     if as_json:
         print(json.dumps(results, ensure_ascii=False))
         return
-    requests = Table("sample request", "model", "prompt tokens", "source", title="Prompt counts")
+    requests = Table("sample", "model", "tokens", "source", title="Prompt counts")
+    for column in requests.columns:
+        column.no_wrap = True
     for row in results["requests"]:
-        requests.add_row(row["sample"], row["model"], str(row["prompt_tokens"]), row["source"])
+        requests.add_row(Path(row["sample"]).stem, row["model"], str(row["prompt_tokens"]), row["source"])
     stdout.print(requests)
-    streams = Table("sample stream", "status", "input", "cached", "output", "source", title="Stream usage")
+    streams = Table("sample", "status", "input", "cached", "output", "source", title="Stream usage")
     for row in results["streams"]:
         usage = row["usage"]
         streams.add_row(
-            row["sample"],
+            Path(row["sample"]).stem,
             row["status"],
             str(usage["input_tokens"]),
             str(usage["cached_input_tokens"]),

@@ -9,14 +9,13 @@ count is a floor of what the upstream would report, which is the side a reseller
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from metering.errors import RequestError
 from metering.models import ResolvedModel, resolve_model
-from metering.prompt_count import PromptCount, text_counter
+from metering.prompt_count import PromptCount, compact_json, text_counter
 from pricing.usage import UsageRecord, UsageSource
 
 #: Anthropic content blocks the model writes a tool call in (server tools are called by the model too).
@@ -25,11 +24,6 @@ ANTHROPIC_TOOL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
 
 class ResponseError(RequestError):
     """A response body that cannot be counted; ``path`` is the JSON path of the fault."""
-
-
-def compact_json(value: Any) -> str:
-    """The JSON text we count for a tool call's ``input`` (Anthropic sends an object, not a string)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def count_generated(texts: Iterable[str], resolved: ResolvedModel) -> tuple[int, UsageSource]:

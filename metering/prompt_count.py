@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,11 @@ from pricing.usage import UsageSource
 
 #: A text -> token count function bound to one encoding (and maybe a cache).
 TextCounter = Callable[[str], int]
+
+
+def compact_json(value: Any) -> str:
+    """The JSON text we count for structured tool input/schemas (Anthropic sends objects, not strings)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def text_counter(encoding_name: str, cache: TokenCountCache | None) -> TextCounter:

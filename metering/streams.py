@@ -21,9 +21,9 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from metering.completion import ANTHROPIC_TOOL_BLOCKS, compact_json, count_generated
+from metering.completion import ANTHROPIC_TOOL_BLOCKS, count_generated
 from metering.models import resolve_model
-from metering.prompt_count import PromptCount
+from metering.prompt_count import PromptCount, compact_json
 from metering.sse import SSEDecoder, SSEEvent
 from pricing.usage import InvalidUsage, UsageRecord, UsageSource
 
