@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from metering.claude_prompt import count_claude_exact, estimate_claude
@@ -45,5 +44,5 @@ def count_request(
             if not fallback_to_estimate:
                 raise
             estimate = estimate_claude(body, resolved, image_sizes=image_sizes, cache=cache)
-            return replace(estimate, notes=(*estimate.notes, f"exact count unavailable: {exc}"))
+            return estimate._replace(notes=(*estimate.notes, f"exact count unavailable: {exc}"))
     return estimate_claude(body, resolved, image_sizes=image_sizes, cache=cache)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from metering.count_cache import TokenCountCache
 from metering.encodings import get_encoding
@@ -29,13 +29,15 @@ def text_counter(encoding_name: str, cache: TokenCountCache | None) -> TextCount
     if cache is None:
         encode = encoding.encode_ordinary
         return lambda text: len(encode(text))
-    count = cache.count
-    return lambda text: count(encoding, text)
+    return partial(cache.count, encoding)
 
 
-@dataclass(frozen=True, slots=True)
-class PromptCount:
-    """Prompt tokens of one request, with the breakdown that adds up to them."""
+class PromptCount(NamedTuple):
+    """Prompt tokens of one request, with the breakdown that adds up to them.
+
+    A NamedTuple rather than a frozen dataclass: it is as immutable, and it is built on every request,
+    where a frozen dataclass's per-field ``object.__setattr__`` costs more than the counting overhead.
+    """
 
     model: str
     canonical_model: str
@@ -50,7 +52,7 @@ class PromptCount:
     images: int = 0
     image_tokens: int = 0
     estimated_images: int = 0
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``metering count --json`` payload)."""
