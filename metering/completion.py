@@ -15,7 +15,7 @@ from typing import Any
 
 from metering.errors import RequestError
 from metering.models import ResolvedModel, resolve_model
-from metering.prompt_count import PromptCount, compact_json, text_counter
+from metering.prompt_count import PromptCount, compact_json, require, text_counter
 from pricing.usage import UsageRecord, UsageSource
 
 #: Anthropic content blocks the model writes a tool call in (server tools are called by the model too).
@@ -121,10 +121,7 @@ def _anthropic_texts(response: dict[str, Any]) -> list[str]:
 
 
 def _typed(value: Any, kind: type, path: Sequence[str | int], what: str) -> Any:
-    if not isinstance(value, kind):
-        got = "null" if value is None else type(value).__name__
-        raise ResponseError(path, f"must be {what}, got {got}")
-    return value
+    return require(value, kind, path, what, ResponseError)
 
 
 def _optional_str(value: Any, path: Sequence[str | int]) -> str:

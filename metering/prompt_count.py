@@ -107,9 +107,15 @@ class ImageTally:
         return counted.tokens
 
 
-def require(value: Any, kind: type | tuple[type, ...], path: Sequence[str | int], what: str) -> Any:
-    """Return ``value`` if it is of ``kind``, else raise a ``RequestError`` naming ``path``."""
+def require(
+    value: Any,
+    kind: type | tuple[type, ...],
+    path: Sequence[str | int],
+    what: str,
+    error: type[RequestError] = RequestError,
+) -> Any:
+    """Return ``value`` if it is of ``kind``, else raise ``error`` (a ``RequestError``) naming ``path``."""
     if not isinstance(value, kind) or isinstance(value, bool):
         got = "null" if value is None else type(value).__name__
-        raise RequestError(path, f"must be {what}, got {got}")
+        raise error(path, f"must be {what}, got {got}")
     return value
