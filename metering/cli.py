@@ -14,7 +14,7 @@ from rich.progress import track
 from rich.table import Table
 
 from metering.counting import count_request
-from metering.errors import MeteringError
+from pricing.errors import BillingError
 from metering.images import parse_size
 from metering.model_table import MODELS, fraction_text
 
@@ -91,7 +91,7 @@ def count(
         result = count_request(
             body, model, image_sizes=_image_sizes(image_size or []), anthropic_client=client, fallback_to_estimate=False
         )
-    except MeteringError as exc:
+    except BillingError as exc:
         fail(str(exc))
     if as_json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))

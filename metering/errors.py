@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pricing.errors import BillingError, UnknownModel
 
-class MeteringError(Exception):
-    """Base class of every error metering raises on purpose."""
+__all__ = [
+    "BillingError",
+    "EncodingIntegrityError",
+    "MeteringError",
+    "RequestError",
+    "TokenCountUnavailable",
+    "UnknownModel",
+    "format_path",
+]
 
 
-class UnknownModel(MeteringError, KeyError):
-    """A model name that is not in the model table; never silently counted with a fallback."""
-
-    def __init__(self, model: str, suggestions: Sequence[str] = ()) -> None:
-        self.model = model
-        self.suggestions = list(suggestions)
-        hint = f" (did you mean {', '.join(self.suggestions)}?)" if self.suggestions else ""
-        super().__init__(f"unknown model {model!r}{hint}")
-
-    def __str__(self) -> str:  # KeyError would quote the whole message again
-        return self.args[0]
+class MeteringError(BillingError):
+    """Base class of every error the metering package raises on purpose."""
 
 
 def format_path(path: Sequence[str | int]) -> str:
