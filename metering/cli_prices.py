@@ -1,0 +1,258 @@
+"""Pricing commands of the ``metering`` command line: quote, quote-topup and ``prices ...``."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pricing.errors import BillingError, PriceTableError
+from pricing.quote import decimal_text, now, price
+from pricing.recharge import quote_topup
+from pricing.table import PriceTable, default_price_table_path, load_price_table
+from pricing.usage import InvalidUsage, UsageRecord
+
+stdout = Console()
+stderr = Console(stderr=True)
+EXIT_BAD_INPUT = 2
+
+PricesOption = Annotated[
+    Optional[Path],
+    typer.Option("--prices", help="Price table YAML (default: $METERING_PRICE_TABLE, else the bundled table)."),
+]
+AtOption = Annotated[Optional[str], typer.Option("--at", help="Event time, ISO 8601 with a time zone (default: now).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+Count = Annotated[int, typer.Option(min=0)]
+
+prices_app = typer.Typer(help="Validate, show, export and import the price table.", no_args_is_help=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _table(path: Path | None) -> PriceTable:
+    try:
+        return load_price_table(path)
+    except PriceTableError as exc:
+        for problem in exc.problems:
+            stderr.print(str(problem), highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _when(at: str | None) -> datetime:
+    if at is None:
+        return now()
+    try:
+        moment = datetime.fromisoformat(at)
+    except ValueError:
+        raise _fail(f"--at: not an ISO 8601 time: {at!r}") from None
+    if moment.tzinfo is None:
+        raise _fail(f"--at: {at!r} has no time zone (add Z or +08:00)")
+    return moment
+
+
+def _usage(
+    table: PriceTable, model: str, input_tokens: int, output: int, cached: int, write: int, write_1h: int,
+    reasoning: int, images: int, web_search: int,
+) -> UsageRecord:
+    """A usage record from the numbers exactly as the model's provider reports them."""
+    entry, _ = table.resolve(model)
+    if entry.provider == "anthropic":
+        if write_1h > write:
+            raise InvalidUsage("--cache-write-1h is the 1-hour part of --cache-write and cannot exceed it")
+        usage: dict[str, Any] = {
+            "input_tokens": input_tokens,
+            "output_tokens": output,
+            "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": write,
+            "cache_creation": {"ephemeral_5m_input_tokens": write - write_1h, "ephemeral_1h_input_tokens": write_1h},
+            "server_tool_use": {"web_search_requests": web_search},
+        }
+        return UsageRecord.from_anthropic(model, usage, images=images)
+    if write or write_1h:
+        raise InvalidUsage("OpenAI models report no cache writes: drop --cache-write/--cache-write-1h")
+    usage = {
+        "prompt_tokens": input_tokens,
+        "completion_tokens": output,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+    return UsageRecord.from_openai(model, usage, images=images, web_search_requests=web_search)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the pricing commands to the main ``metering`` app."""
+    app.command("quote")(quote)
+    app.command("quote-topup")(quote_topup_command)
+    app.add_typer(prices_app, name="prices")
+
+
+def quote(
+    model: Annotated[str, typer.Option("--model", help="Model name or alias as the gateway received it.")],
+    input_tokens: Annotated[
+        int, typer.Option("--input", min=0, help="OpenAI: prompt_tokens (cached included). Anthropic: input_tokens.")
+    ],
+    output: Annotated[int, typer.Option("--output", min=0, help="completion_tokens / output_tokens.")],
+    cached_input: Annotated[
+        int, typer.Option("--cached-input", min=0, help="OpenAI: cached_tokens. Anthropic: cache_read_input_tokens.")
+    ] = 0,
+    cache_write: Annotated[
+        int, typer.Option("--cache-write", min=0, help="Anthropic: cache_creation_input_tokens (all of them).")
+    ] = 0,
+    cache_write_1h: Annotated[
+        int, typer.Option("--cache-write-1h", min=0, help="Anthropic: the part of --cache-write with a 1-hour TTL.")
+    ] = 0,
+    reasoning: Annotated[
+        int, typer.Option("--reasoning", min=0, help="OpenAI: reasoning_tokens (a part of --output, not added).")
+    ] = 0,
+    images: Annotated[int, typer.Option("--images", min=0, help="Images, for per-image prices.")] = 0,
+    requests: Annotated[int, typer.Option("--requests", min=0, help="Requests, for per-request prices.")] = 1,
+    web_search: Annotated[int, typer.Option("--web-search", min=0, help="Web searches, for per-search prices.")] = 0,
+    group: Annotated[str, typer.Option("--group", help="Pricing group (its multiplier applies).")] = "default",
+    at: AtOption = None,
+    as_json: JsonOption = False,
+    prices: PricesOption = None,
+) -> None:
+    """Price one request's usage: exact USD and integer quota, by the price version in force at --at."""
+    table = _table(prices)
+    try:
+        usage = _usage(
+            table, model, input_tokens, output, cached_input, cache_write, cache_write_1h, reasoning, images, web_search
+        )
+        priced = price(table, usage, _when(at), group, requests=requests)
+    except (BillingError, InvalidUsage) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(priced.to_dict(), ensure_ascii=False))
+        return
+    stdout.print(
+        f"{priced.model} (priced as {priced.priced_model}, version of {priced.price_version.isoformat()}): "
+        f"${decimal_text(priced.usd)} list, x{decimal_text(priced.multiplier)} ({priced.group}) -> "
+        f"[bold]{priced.quota}[/] quota units",
+        highlight=False,
+    )
+    if priced.fallback_used:
+        stdout.print("  note: unknown model priced with the table's fallback model", highlight=False)
+
+
+def quote_topup_command(
+    amount: Annotated[str, typer.Option("--amount", help="Amount paid, e.g. 10 or 99.90.")],
+    currency: Annotated[str, typer.Option("--currency", help="CNY, USDT or USD.")],
+    at: AtOption = None,
+    as_json: JsonOption = False,
+    prices: PricesOption = None,
+) -> None:
+    """What a payment buys: USD credit and quota at the recharge rate in force, and its reference price."""
+    table = _table(prices)
+    try:
+        result = quote_topup(table, amount, currency.upper(), _when(at))
+    except BillingError as exc:
+        raise _fail(str(exc)) from None
+    except (ArithmeticError, ValueError):
+        raise _fail(f"--amount must be a positive decimal number, got {amount!r}") from None
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    reference = (
+        f" (the same credit costs {decimal_text(result.reference_price)} {result.reference_currency} at the official rate)"
+        if result.reference_price is not None
+        else ""
+    )
+    stdout.print(
+        f"{result.amount} {result.currency} at {result.label}: ${decimal_text(result.usd_credit)} credit = "
+        f"[bold]{result.quota}[/] quota units{reference}",
+        highlight=False,
+    )
+
+
+@prices_app.command("validate")
+def validate(path: Annotated[Optional[Path], typer.Argument(help="Price table YAML (default: the one in use).")] = None) -> None:
+    """Validate a price table; every problem is printed as PATH:LINE: field: problem (exit 2)."""
+    table = _table(path)
+    stdout.print(f"ok: {table.source}: {len(table.models)} models, {len(table.groups)} groups", highlight=False)
+
+
+@prices_app.command("show")
+def show(
+    model: Annotated[Optional[str], typer.Option("--model", help="Only this model (name or alias).")] = None,
+    at: AtOption = None,
+    as_json: JsonOption = False,
+    prices: PricesOption = None,
+) -> None:
+    """Show the prices in force at --at (USD per 1M tokens)."""
+    table = _table(prices)
+    moment = _when(at).timestamp()
+    try:
+        entries = [table.resolve(model)[0]] if model else list(table.models.values())
+    except BillingError as exc:
+        raise _fail(str(exc)) from None
+    rows = []
+    for entry in entries:
+        try:
+            version = entry.version_at(moment).version
+        except BillingError:
+            continue
+        rows.append({"model": entry.name, "provider": entry.provider, "aliases": list(entry.aliases),
+                     **json.loads(version.model_dump_json(exclude_none=True))})
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    table_out = Table("model", "input", "cached", "output", "since", title=f"Prices in force ({table.source})")
+    for row in rows:
+        table_out.add_row(row["model"], row["input"], row.get("cached_input", "-"), row["output"], row["effective_from"][:10])
+    stdout.print(table_out)
+
+
+@prices_app.command("export")
+def export(
+    format_: Annotated[str, typer.Option("--format", help="Only one-api (one-api / new-api options JSON).")] = "one-api",
+    at: AtOption = None,
+    prices: PricesOption = None,
+) -> None:
+    """Export the prices in force at --at as one-api / new-api options JSON (on stdout)."""
+    from pricing.oneapi import dumps_oneapi, export_oneapi
+
+    if format_ != "one-api":
+        raise _fail(f"--format: only one-api is supported, got {format_!r}")
+    print(dumps_oneapi(export_oneapi(_table(prices), _when(at))))
+
+
+@prices_app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="one-api / new-api options JSON file.")],
+    effective_from: Annotated[
+        Optional[str], typer.Option("--effective-from", help="When the imported prices take effect (default: now).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the YAML here (default: stdout).")] = None,
+    prices: PricesOption = None,
+) -> None:
+    """Turn one-api / new-api options JSON into a price table YAML (sections it lacks come from the table in use)."""
+    from pricing.oneapi import import_oneapi
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"{path}: cannot read: {exc}") from None
+    try:
+        yaml_text = import_oneapi(text, effective_from=_when(effective_from), template=_table(prices), source=str(path))
+    except PriceTableError as exc:
+        for problem in exc.problems:
+            stderr.print(str(problem), highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if out is None:
+        print(yaml_text, end="")
+        return
+    temporary = out.with_name(out.name + ".tmp")
+    temporary.write_text(yaml_text, encoding="utf-8")
+    temporary.replace(out)  # never a half-written table
+    stdout.print(f"wrote {out}", highlight=False)
+
+
+__all__ = ["default_price_table_path", "prices_app", "register"]
