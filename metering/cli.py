@@ -146,13 +146,13 @@ def demo(
     if as_json:
         print(json.dumps(results, ensure_ascii=False))
         return
+    # A pipe gets 80 columns by default: give the tables room, a terminal keeps its own width.
+    out = stdout if stdout.is_terminal else Console(width=110)
     requests = Table("sample", "model", "tokens", "source", title="Prompt counts")
-    for column in requests.columns:
-        column.no_wrap = True
     for row in results["requests"]:
         requests.add_row(Path(row["sample"]).stem, row["model"], str(row["prompt_tokens"]), row["source"])
-    stdout.print(requests)
-    streams = Table("sample", "status", "input", "cached", "output", "source", title="Stream usage")
+    out.print(requests)
+    streams = Table("sample", "status", "input", "cached", "output", "source", "USD", "quota", title="Stream usage, priced")
     for row in results["streams"]:
         usage = row["usage"]
         streams.add_row(
@@ -162,8 +162,10 @@ def demo(
             str(usage["cached_input_tokens"]),
             str(usage["output_tokens"]),
             usage["source"],
+            row["priced"]["usd"],
+            str(row["priced"]["quota"]),
         )
-    stdout.print(streams)
+    out.print(streams)
 
 
 def main() -> None:

@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 from metering.counting import count_request
 from metering.streams import StreamAccumulator
+from pricing.quote import now, price
+from pricing.table import load_price_table
 
 T = TypeVar("T")
 #: Wraps an iterable to show progress (rich's ``track`` in the CLI, identity in tests).
@@ -19,7 +21,9 @@ REPLAY_CHUNK_BYTES = 37
 
 
 def run_demo(samples: Traversable, progress: Progress) -> dict[str, Any]:
-    """Count every sample request and replay every sample stream; returns a JSON-ready summary."""
+    """Count every sample request, replay every sample stream and price its usage; a JSON-ready summary."""
+    table = load_price_table()
+    priced_at = now()
     request_files = sorted((f for f in samples.joinpath("requests").iterdir() if f.name.endswith(".json")), key=lambda f: f.name)
     prompts = {}
     requests = []
@@ -35,6 +39,8 @@ def run_demo(samples: Traversable, progress: Progress) -> dict[str, Any]:
         for start in range(0, len(data), REPLAY_CHUNK_BYTES):
             accumulator.feed(data[start : start + REPLAY_CHUNK_BYTES])
         result = accumulator.finish()
+        priced = price(table, result.usage, priced_at)
         streams.append({"sample": entry["file"], "model": entry["model"], "status": result.status,
-                        "finish_reason": result.finish_reason, "usage": result.usage.to_dict()})
+                        "finish_reason": result.finish_reason, "usage": result.usage.to_dict(),
+                        "priced": priced.to_dict()})
     return {"requests": requests, "streams": streams}
