@@ -140,7 +140,7 @@ def test_unknown_models_and_groups_are_typed_errors_never_a_default() -> None:
 
 def test_aliases_price_like_their_model() -> None:
     assert price(TABLE, openai("gpt-4-1106-preview", 1000, 1000), NOW).priced_model == "gpt-4-turbo"
-    assert price(TABLE, openai("GPT-4O-2024-08-06", 1000, 1000), NOW).priced_model == "gpt-4o"
+    assert price(TABLE, openai("GPT-4O-2024-11-20", 1000, 1000), NOW).priced_model == "gpt-4o-2024-08-06"
     # gpt-4o-2024-05-13 kept its launch price: its own entry, not folded into gpt-4o.
     assert price(TABLE, openai("gpt-4o-2024-05-13", 10**6, 0), NOW).usd == 5
 
