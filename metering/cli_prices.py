@@ -217,11 +217,18 @@ def export(
     prices: PricesOption = None,
 ) -> None:
     """Export the prices in force at --at as one-api / new-api options JSON (on stdout)."""
-    from pricing.oneapi import dumps_oneapi, export_oneapi
+    from pricing.oneapi import dumps_oneapi, export_caveats, export_oneapi, lossy_keys
 
     if format_ != "one-api":
         raise _fail(f"--format: only one-api is supported, got {format_!r}")
-    print(dumps_oneapi(export_oneapi(_table(prices), _when(at))))
+    table, moment = _table(prices), _when(at)
+    data = export_oneapi(table, moment)
+    print(dumps_oneapi(data), end="")
+    # What the gateways cannot express goes to stderr, so stdout stays a clean JSON document.
+    for caveat in export_caveats(table, moment):
+        stderr.print(f"note: {caveat}", highlight=False, soft_wrap=True, markup=False)
+    for section, key in lossy_keys(data):
+        stderr.print(f"note: {section}[{key!r}] rounded to 12 significant digits", highlight=False, markup=False)
 
 
 @prices_app.command("import")
