@@ -162,3 +162,23 @@ def test_an_installed_wheel_finds_its_table_from_another_directory(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     location, models = out.stdout.split()
     assert location.startswith(str(site)) and int(models) == len(load_price_table().models)
+
+
+def test_cli_export_then_import_gives_a_valid_table_with_the_same_ratios(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "metering", *args], capture_output=True, text=True)
+
+    exported = run("prices", "export", "--format", "one-api", "--at", "2026-11-28T00:00:00Z")
+    assert exported.returncode == 0, exported.stderr
+    options = tmp_path / "options.json"
+    options.write_text(exported.stdout, encoding="utf-8")
+    imported = tmp_path / "imported.yaml"
+    made = run("prices", "import", str(options), "--effective-from", "2026-01-01T00:00:00Z", "--out", str(imported))
+    assert made.returncode == 0, made.stderr
+    assert run("prices", "validate", str(imported)).returncode == 0
+    again = run("prices", "export", "--format", "one-api", "--at", "2026-11-28T00:00:00Z", "--prices", str(imported))
+    import json
+
+    first, second = json.loads(exported.stdout), json.loads(again.stdout)
+    assert first["ModelRatio"] == second["ModelRatio"] and first["CacheRatio"] == second["CacheRatio"]
+    assert run("prices", "export", "--format", "litellm").returncode == 2
