@@ -20,6 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_counting.py
+	$(BIN)/python bench/bench_pricing.py
 
 # Re-pin after changing dependencies in pyproject.toml: resolves in a scratch venv, writes requirements.lock.
 lock:

@@ -19,7 +19,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from pricing.table import RATE_FIELDS, CompiledVersion, PriceTable, as_timestamp
+from pricing.table import RATE_FIELDS, CompiledVersion, PriceTable, QuotaPlan, as_timestamp
 from pricing.usage import UsageRecord
 
 
@@ -143,22 +143,21 @@ def price(
 def quota(table: PriceTable, usage: UsageRecord, at: float, group: str = "default", requests: int = 1) -> int:
     """Only the quota of ``price(...)``, without building the result: the hot path of the worker.
 
-    ``at`` is a POSIX timestamp here (convert datetimes once, outside the loop).
+    ``at`` is a POSIX timestamp here (convert datetimes once, outside the loop). Events at the latest
+    version of a known name and group take the precompiled ``QuotaPlan``; anything else (an older
+    version, an unusual spelling, the fallback model, an unknown group) takes ``price()``'s path.
     """
-    entry, _ = table.resolve(usage.model)
-    compiled = entry.version_at(at)
-    multiplier = table.groups.get(group)
-    if multiplier is None:
-        multiplier = table.group_multiplier(group)  # raises PriceNotFound
+    plan = table.quota_plans.get(group, _NO_PLANS).get(usage.model)
+    if plan is None or at < plan.starts_at:
+        return _quota_slow(table, usage, at, group, requests)
     inp = usage.input_tokens
     cached = usage.cached_input_tokens
     w5 = usage.cache_write_5m_tokens
     w1 = usage.cache_write_1h_tokens
-    rates = compiled.rates
-    above = compiled.long_context_above
+    r = plan.rates
+    above = plan.long_context_above
     if above is not None and inp + cached + w5 + w1 > above:
-        rates = compiled.long_rates  # type: ignore[assignment]
-    r = rates
+        r = plan.long_rates  # type: ignore[assignment]
     total = (
         inp * r[0]
         + cached * r[1]
@@ -169,6 +168,18 @@ def quota(table: PriceTable, usage: UsageRecord, at: float, group: str = "defaul
         + requests * r[6]
         + usage.web_search_requests * r[7]
     )
+    return -(-total // plan.divisor)
+
+
+_NO_PLANS: dict[str, QuotaPlan] = {}
+
+
+def _quota_slow(table: PriceTable, usage: UsageRecord, at: float, group: str, requests: int) -> int:
+    entry, _ = table.resolve(usage.model)
+    compiled = entry.version_at(at)
+    multiplier = table.group_multiplier(group)
+    rates, _ = _rates_for(compiled, usage.total_input_tokens)
+    total = sum(count * rate for count, rate in zip(_counts(usage, requests), rates, strict=True))
     numerator = total * multiplier.numerator * table.units_per_usd
     return -(-numerator // (compiled.denominator * multiplier.denominator))
 

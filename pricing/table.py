@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from decimal import Decimal
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
@@ -45,6 +47,20 @@ class CompiledVersion:
     rates: tuple[int, ...]
     long_context_above: int | None  # more total input tokens than this moves the request to long_rates
     long_rates: tuple[int, ...] | None
+
+
+class QuotaPlan(NamedTuple):
+    """A model's latest version for one group, folded for ``quota()``: ceil(sum(count x rate) / divisor).
+
+    The rates already carry the group multiplier's numerator and units_per_usd, and the divisor its
+    denominator (both reduced by their gcd), so a quota is a few integer multiplications and one division.
+    """
+
+    starts_at: float
+    rates: tuple[int, ...]
+    long_context_above: int | None
+    long_rates: tuple[int, ...] | None
+    divisor: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +96,8 @@ class PriceTable:
     models: dict[str, ModelEntry]
     names: dict[str, str]  # lower-cased model name or alias -> model name
     fallback_model: str | None
+    #: group -> name or alias -> the latest version's quota plan (see ``QuotaPlan``): the hot path.
+    quota_plans: dict[str, dict[str, QuotaPlan]]
 
     def resolve(self, model: str) -> tuple[ModelEntry, bool]:
         """The entry for ``model`` (name or alias, any case) and whether the operator's fallback was used."""
@@ -278,14 +296,36 @@ def _compile(table: PriceTableFile, source: str) -> PriceTable:
         for key in (name, *model.aliases):
             names[key] = name
             names[key.lower()] = name
+    groups = {group: Fraction(multiplier) for group, multiplier in table.groups.items()}
+    units = table.quota.units_per_usd
+    quota_plans = {
+        group: {key: _quota_plan(models[name].versions[-1], multiplier, units) for key, name in names.items()}
+        for group, multiplier in groups.items()
+    }
     return PriceTable(
         source=source,
         file=table,
-        units_per_usd=table.quota.units_per_usd,
-        groups={group: Fraction(multiplier) for group, multiplier in table.groups.items()},
+        units_per_usd=units,
+        groups=groups,
         models=models,
         names=names,
         fallback_model=table.fallback_model,
+        quota_plans=quota_plans,
+    )
+
+
+def _quota_plan(compiled: CompiledVersion, multiplier: Fraction, units_per_usd: int) -> QuotaPlan:
+    factor = multiplier.numerator * units_per_usd
+    divisor = compiled.denominator * multiplier.denominator
+    common = math.gcd(factor, divisor)
+    factor, divisor = factor // common, divisor // common
+    long_rates = compiled.long_rates
+    return QuotaPlan(
+        starts_at=compiled.starts_at,
+        rates=tuple(rate * factor for rate in compiled.rates),
+        long_context_above=compiled.long_context_above,
+        long_rates=None if long_rates is None else tuple(rate * factor for rate in long_rates),
+        divisor=divisor,
     )
 
 
