@@ -41,9 +41,14 @@ def _table(path: Path | None) -> PriceTable:
     try:
         return load_price_table(path)
     except PriceTableError as exc:
-        for problem in exc.problems:
-            stderr.print(str(problem), highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise _problems(exc) from None
+
+
+def _problems(exc: PriceTableError) -> typer.Exit:
+    """Print every problem as ``PATH:LINE: field: problem`` and return the exit to raise."""
+    for problem in exc.problems:
+        stderr.print(str(problem), highlight=False, soft_wrap=True, markup=False)
+    return typer.Exit(EXIT_BAD_INPUT)
 
 
 def _when(at: str | None) -> datetime:
@@ -250,9 +255,7 @@ def import_(
     try:
         yaml_text = import_oneapi(text, effective_from=_when(effective_from), template=_table(prices), source=str(path))
     except PriceTableError as exc:
-        for problem in exc.problems:
-            stderr.print(str(problem), highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise _problems(exc) from None
     if out is None:
         print(yaml_text, end="")
         return
