@@ -26,7 +26,7 @@ bench: $(STAMP)
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --disable-pip-version-check '.[dev]'
-	.lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v -E '^(llm-metering|pip)==' > requirements.lock
+	.lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v -E '^(llm-metering|pip)\b' > requirements.lock
 	rm -rf .lock-venv build
 
 clean:
