@@ -19,3 +19,6 @@ def no_outside_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+from tests.databases import ledger_url, server_databases  # noqa: E402,F401  (fixtures for every test module)

@@ -1,0 +1,92 @@
+"""Engines for the three supported databases, set up for a ledger.
+
+SQLite (the embedded default): WAL journal, a busy timeout, foreign keys on, and every transaction
+opened with ``BEGIN IMMEDIATE`` so writers queue for the lock up front instead of failing on upgrade
+(SQLAlchemy's documented recipe for pysqlite). A database file on a network filesystem is refused:
+SQLite's locking is not reliable there. PostgreSQL (psycopg 3) and MySQL/MariaDB (PyMySQL) use their
+defaults (READ COMMITTED / REPEATABLE READ): every balance change is a conditional UPDATE whose WHERE
+is re-checked on the latest row under its row lock, which is what makes it safe under concurrency.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from metering.ledger.errors import UnsafeDatabase
+
+#: Environment variable naming the database URL (the command line's --db overrides it).
+DB_ENV = "METERING_DB"
+DEFAULT_DB_URL = "sqlite:///metering.db"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Filesystem types on which SQLite must not run (from /proc/mounts).
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smbfs", "smb3", "9p", "afs", "ceph", "glusterfs", "fuse.sshfs", "fuse.s3fs", "lustre", "davfs"}
+)
+#: Driver to use when a URL names only the database kind.
+DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql", "mariadb": "mysql+pymysql"}
+
+
+def normalize_url(url: str) -> str:
+    """Pick our driver for ``postgresql://`` and ``mysql://`` URLs (others are kept as given)."""
+    parsed = make_url(url)
+    driver = DEFAULT_DRIVERS.get(parsed.drivername)
+    return parsed.set(drivername=driver).render_as_string(hide_password=False) if driver else url
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The filesystem type holding ``path`` according to /proc/mounts (None where there is none)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best, kind = "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3:
+            mount_point = fields[1].replace("\\040", " ")
+            inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) > len(best):
+                best, kind = mount_point, fields[2]
+    return kind
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` (sqlite:///path, postgresql://..., mysql://...), configured for the ledger."""
+    url = normalize_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    database = parsed.database
+    if database and database != ":memory:":
+        directory = Path(database).expanduser().resolve().parent
+        kind = filesystem_type(directory)
+        if kind in NETWORK_FILESYSTEMS:
+            raise UnsafeDatabase(f"{database} is on a network filesystem ({kind}): SQLite's locks are not reliable there")
+        os.makedirs(directory, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (below)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=FULL")  # a committed charge survives a power cut, not only a crash
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def database_url(explicit: str | None = None) -> str:
+    """``explicit``, else ``$METERING_DB``, else ``sqlite:///metering.db``."""
+    return explicit or os.environ.get(DB_ENV) or DEFAULT_DB_URL

@@ -1,0 +1,78 @@
+"""Typed errors of the ledger, each with what a gateway needs to answer its client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metering.errors import MeteringError
+
+
+class LedgerError(MeteringError):
+    """Base of the ledger's errors."""
+
+    http_status = 500
+    error_type = "server_error"
+    error_code: str | None = None
+
+    def openai_error(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, OpenAI-style error body) for the gateway to return to its client."""
+        return self.http_status, {
+            "error": {"message": str(self), "type": self.error_type, "param": None, "code": self.error_code}
+        }
+
+
+class QuotaExceeded(LedgerError):
+    """Not enough quota for the worst case of this request: on the user's balance or the key's limit."""
+
+    http_status = 429
+    error_type = "insufficient_quota"
+    error_code = "insufficient_quota"
+
+    def __init__(self, needed: int, available: int, scope: str) -> None:
+        self.needed = needed
+        self.available = available
+        self.scope = scope  # "user" or "key"
+        owner = "your balance" if scope == "user" else "this API key's limit"
+        super().__init__(f"insufficient quota: this request may need {needed} units, {owner} has {available} available")
+
+
+class KeyRejected(LedgerError):
+    """The API key is unknown, revoked, expired, or not allowed this model."""
+
+    http_status = 401
+    error_type = "invalid_request_error"
+    error_code = "invalid_api_key"
+
+    def __init__(self, reason: str, *, http_status: int = 401, code: str = "invalid_api_key") -> None:
+        self.reason = reason
+        self.http_status = http_status
+        self.error_code = code
+        super().__init__(reason)
+
+
+class SettleConflict(LedgerError):
+    """A request id settled (or recorded) before with a different usage payload."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    error_code = "request_id_conflict"
+
+
+class DuplicateReference(LedgerError):
+    """An external reference (top-up order, adjustment) reused with different content."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    error_code = "duplicate_reference"
+
+
+class NotFound(LedgerError):
+    """A user, key, hold or code that does not exist."""
+
+    http_status = 404
+    error_type = "invalid_request_error"
+    error_code = "not_found"
+
+
+class UnsafeDatabase(LedgerError):
+    """A database we refuse: SQLite on a network filesystem (its locks are not reliable there)."""

@@ -1,0 +1,698 @@
+"""``Meter``: the quota ledger a gateway imports. Holds before the call, exact settlement after.
+
+Every balance change is one database transaction that appends ledger entries and moves the balance
+by exactly their sum. Reservations are conditional UPDATEs (``... WHERE balance >= :amount``), so under
+any concurrency the reserved total never exceeds what is available. Exactly-once is enforced by the
+database: a request id has one usage event and one charge entry, a hold one release entry, a top-up
+order one credit (unique constraints), and a retry returns the first result. The invariants are in
+docs/ledger.md and checked by ``Meter.audit()``.
+
+Overage rule: the worst case is reserved before the call; when the actual cost is higher anyway, the
+full actual cost is charged (the service was delivered), the balance may go below zero by that overage
+only, and every authorization is refused until a top-up brings it back above the next hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlmodel import SQLModel
+
+from metering.completion import usage_from_response
+from metering.counting import count_request
+from metering.ledger.database import make_engine
+from metering.ledger.errors import DuplicateReference, KeyRejected, NotFound, QuotaExceeded, SettleConflict
+from metering.ledger.tables import ApiKey, GrantRecord, Hold, LedgerEntry, RedemptionCode, TopupOrder, UsageEvent, User
+from metering.models import resolve_model
+from metering.prompt_count import PromptCount
+from metering.streams import StreamAccumulator, StreamResult
+from pricing.quote import decimal_text, price
+from pricing.recharge import grant_quota, quote_topup
+from pricing.table import PriceTable, load_price_table
+from pricing.usage import UsageRecord, UsageSource
+
+T = TypeVar("T")
+USERS, KEYS, HOLDS = User.__table__, ApiKey.__table__, Hold.__table__  # type: ignore[attr-defined]
+EVENTS, ENTRIES = UsageEvent.__table__, LedgerEntry.__table__  # type: ignore[attr-defined]
+ORDERS, GRANTS, CODES = TopupOrder.__table__, GrantRecord.__table__, RedemptionCode.__table__  # type: ignore[attr-defined]
+
+#: Entry kinds; ``hold`` moves quota out of the balance before a call, ``release`` moves it back.
+ENTRY_KINDS = ("grant", "topup", "redemption", "hold", "release", "charge", "adjustment")
+SECRET_PREFIX = "sk-mtr-"
+DEFAULT_HOLD_TTL = timedelta(minutes=10)
+#: Deadlocks and serialization failures are retried this many times (the transaction is all-or-nothing).
+MAX_RETRIES = 8
+
+
+def utcnow() -> datetime:
+    """Now, as the naive UTC datetime the tables store."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _naive_utc(moment: datetime | None) -> datetime:
+    if moment is None:
+        return utcnow()
+    if moment.tzinfo is None:
+        raise ValueError(f"{moment.isoformat()} has no time zone")
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc)
+
+
+def secret_hash(secret: str) -> str:
+    """sha256 of a secret (keys and codes are 256-bit random: no slow hash is needed)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _is_retryable(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower()
+    code = getattr(exc.orig, "sqlstate", None) or (exc.orig.args[0] if getattr(exc.orig, "args", None) else None)
+    return code in ("40001", "40P01", 1213, 1205) or "deadlock" in text or "database is locked" in text
+
+
+@dataclass(frozen=True, slots=True)
+class HoldTicket:
+    """An open reservation for one request; pass it to ``settle`` or ``release``."""
+
+    id: int
+    request_id: str
+    user_id: int
+    key_id: int
+    model: str
+    price_group: str
+    amount: int
+    prompt_tokens: int
+    prompt_source: str
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The charge of one request (the same receipt for every retry of the same settle)."""
+
+    request_id: str
+    hold_id: int | None
+    model: str
+    quota: int
+    usd: str
+    price_version: str
+    overage: int  # charged beyond the hold (the documented overage rule)
+    outcome: str
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One broken invariant found by the audit."""
+
+    invariant: str
+    subject: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReport:
+    """``ok`` and every violation found."""
+
+    violations: tuple[Violation, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when no invariant is broken."""
+        return not self.violations
+
+
+class Meter:
+    """The quota ledger over one database, priced by one price table."""
+
+    def __init__(self, engine: Engine, prices: PriceTable, hold_ttl: timedelta = DEFAULT_HOLD_TTL) -> None:
+        self.engine = engine
+        self.prices = prices
+        self.hold_ttl = hold_ttl
+
+    @classmethod
+    def open(
+        cls, url: str = "sqlite:///metering.db", *, prices: PriceTable | None = None, hold_ttl: timedelta = DEFAULT_HOLD_TTL
+    ) -> "Meter":
+        """Connect, create or upgrade the schema, and load the price table (default: the bundled one)."""
+        from metering.ledger.schema import upgrade
+
+        engine = make_engine(url)
+        upgrade(engine)
+        return cls(engine, prices or load_price_table(), hold_ttl)
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as connection:
+            yield connection
+
+    def _retrying(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in a transaction, again from scratch after a deadlock or serialization failure."""
+        for attempt in range(MAX_RETRIES):
+            try:
+                with self._transaction() as connection:
+                    return work(connection)
+            except DBAPIError as exc:
+                if isinstance(exc, IntegrityError) or not _is_retryable(exc) or attempt == MAX_RETRIES - 1:
+                    raise
+                time.sleep(0.005 * (attempt + 1) * (1 + secrets.randbelow(4)))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _entry(
+        connection: Connection, user_id: int, kind: str, amount: int, reference: str, *,
+        key_id: int | None = None, hold_id: int | None = None, usage_event_id: int | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Append one entry and move the user's balance by exactly its amount."""
+        connection.execute(
+            insert(ENTRIES).values(
+                user_id=user_id, key_id=key_id, kind=kind, amount=amount, hold_id=hold_id,
+                usage_event_id=usage_event_id, reference=reference, note=note, created_at=utcnow(),
+            )
+        )
+
+    @staticmethod
+    def _move_balance(connection: Connection, user_id: int, delta: int) -> None:
+        connection.execute(update(USERS).where(USERS.c.id == user_id).values(balance=USERS.c.balance + delta))
+
+    def _credit(self, connection: Connection, user_id: int, kind: str, amount: int, reference: str, note: str | None = None) -> None:
+        self._entry(connection, user_id, kind, amount, reference, note=note)
+        self._move_balance(connection, user_id, amount)
+
+    # ------------------------------------------------------------------ users and keys
+
+    def create_user(self, name: str, group: str = "default") -> int:
+        """Create a user in ``group`` (a group of the price table) with a zero balance; returns its id."""
+        self.prices.group_multiplier(group)  # an unknown group is refused here, not at the first request
+        with self._transaction() as connection:
+            result = connection.execute(insert(USERS).values(name=name, price_group=group, balance=0, created_at=utcnow()))
+            return int(result.inserted_primary_key[0])
+
+    def user(self, user_id: int) -> dict[str, Any]:
+        """A user's id, name, group and balance."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(USERS).where(USERS.c.id == user_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no user {user_id}")
+        return {"id": row["id"], "name": row["name"], "group": row["price_group"], "balance": row["balance"]}
+
+    def find_user(self, name_or_id: str | int) -> int:
+        """The id of a user given by id or name."""
+        with self.engine.connect() as connection:
+            if isinstance(name_or_id, int) or str(name_or_id).isdigit():
+                row = connection.execute(select(USERS.c.id).where(USERS.c.id == int(name_or_id))).first()
+            else:
+                row = connection.execute(select(USERS.c.id).where(USERS.c.name == name_or_id)).first()
+        if row is None:
+            raise NotFound(f"no user {name_or_id!r}")
+        return int(row[0])
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every user, by id."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(USERS).order_by(USERS.c.id)).mappings().all()
+        return [{"id": r["id"], "name": r["name"], "group": r["price_group"], "balance": r["balance"]} for r in rows]
+
+    def balance(self, user_id: int) -> int:
+        """The user's balance in quota units (open holds already taken out)."""
+        return int(self.user(user_id)["balance"])
+
+    def create_key(
+        self, user_id: int, name: str, limit_quota: int | None = None, models: Sequence[str] | None = None,
+        expires_at: datetime | None = None,
+    ) -> str:
+        """Create an API key; returns its secret, which is shown this once and never stored."""
+        if limit_quota is not None and limit_quota < 0:
+            raise ValueError("limit_quota must not be negative (None means unlimited)")
+        self.user(user_id)
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        with self._transaction() as connection:
+            connection.execute(
+                insert(KEYS).values(
+                    user_id=user_id, name=name, secret_hash=secret_hash(secret),
+                    display_prefix=secret[: len(SECRET_PREFIX) + 4] + "...", status="enabled",
+                    expires_at=None if expires_at is None else _naive_utc(expires_at),
+                    allowed_models=None if models is None else json.dumps(sorted(models)),
+                    limit_quota=limit_quota, used_quota=0, reserved_quota=0, created_at=utcnow(),
+                )
+            )
+        return secret
+
+    def keys(self, user_id: int | None = None) -> list[dict[str, Any]]:
+        """API keys (never their secrets): id, user, name, prefix, status, limit, used, reserved."""
+        query = select(KEYS).order_by(KEYS.c.id)
+        if user_id is not None:
+            query = query.where(KEYS.c.user_id == user_id)
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).mappings().all()
+        return [
+            {
+                "id": r["id"], "user_id": r["user_id"], "name": r["name"], "prefix": r["display_prefix"],
+                "status": r["status"], "limit_quota": r["limit_quota"], "used_quota": r["used_quota"],
+                "reserved_quota": r["reserved_quota"],
+                "models": None if r["allowed_models"] is None else json.loads(r["allowed_models"]),
+                "expires_at": None if r["expires_at"] is None else _aware(r["expires_at"]).isoformat(),
+            }
+            for r in rows
+        ]
+
+    def revoke_key(self, key_id: int) -> bool:
+        """Disable a key for good; False when it was already revoked."""
+        with self._transaction() as connection:
+            result = connection.execute(
+                update(KEYS).where(KEYS.c.id == key_id, KEYS.c.status == "enabled").values(status="revoked")
+            )
+        return result.rowcount == 1
+
+    def _key(self, connection: Connection, secret: str, model: str) -> dict[str, Any]:
+        row = connection.execute(
+            select(KEYS, USERS.c.price_group).join(USERS, USERS.c.id == KEYS.c.user_id).where(
+                KEYS.c.secret_hash == secret_hash(secret)
+            )
+        ).mappings().first()
+        if row is None:
+            raise KeyRejected("invalid API key")  # never echo the secret
+        if row["status"] != "enabled":
+            raise KeyRejected(f"API key {row['display_prefix']} is revoked")
+        if row["expires_at"] is not None and row["expires_at"] <= utcnow():
+            raise KeyRejected(f"API key {row['display_prefix']} has expired")
+        if row["allowed_models"] is not None:
+            allowed = set(json.loads(row["allowed_models"]))
+            canonical = resolve_model(model).canonical
+            if model not in allowed and canonical not in allowed:
+                raise KeyRejected(
+                    f"API key {row['display_prefix']} may not use model {model}", http_status=403, code="model_not_allowed"
+                )
+        return dict(row)
+
+    # ------------------------------------------------------------------ credits
+
+    def grant(self, user_id: int, kind: str) -> int:
+        """Give the price table's grant ``kind`` once per user; returns the units credited (0 the second time)."""
+        units = grant_quota(self.prices, kind)
+
+        def work(connection: Connection) -> int:
+            if connection.execute(select(GRANTS.c.id).where(GRANTS.c.user_id == user_id, GRANTS.c.kind == kind)).first():
+                return 0
+            connection.execute(insert(GRANTS).values(user_id=user_id, kind=kind, quota=units, created_at=utcnow()))
+            self._credit(connection, user_id, "grant", units, f"grant:{user_id}:{kind}")
+            return units
+
+        try:
+            return self._retrying(work)
+        except IntegrityError:
+            return 0  # a concurrent call granted it first
+
+    def topup(
+        self, user_id: int, amount: str | Decimal | int, currency: str, reference: str, at: datetime | None = None
+    ) -> int:
+        """Credit a paid top-up at the recharge rate in force; once per external ``reference``. Returns units."""
+        moment = at or datetime.now(timezone.utc)
+        quote = quote_topup(self.prices, amount, currency, moment)
+        order = {
+            "reference": reference, "user_id": user_id, "amount": str(quote.amount), "currency": currency,
+            "rate_id": quote.rate_id, "usd_credit": decimal_text(quote.usd_credit), "quota": quote.quota,
+        }
+
+        def work(connection: Connection) -> int:
+            connection.execute(insert(ORDERS).values(**order, created_at=utcnow()))
+            self._credit(connection, user_id, "topup", quote.quota, f"topup:{reference}", note=quote.label)
+            return quote.quota
+
+        try:
+            return self._retrying(work)
+        except IntegrityError:
+            with self.engine.connect() as connection:
+                row = connection.execute(select(ORDERS).where(ORDERS.c.reference == reference)).mappings().first()
+            if row is None:
+                raise
+            if (row["user_id"], row["amount"], row["currency"]) != (user_id, order["amount"], currency):
+                raise DuplicateReference(f"top-up reference {reference!r} was used for a different order") from None
+            return int(row["quota"])  # a retried webhook: credited once, same answer
+
+    def adjust(self, user_id: int, amount: int, reference: str, note: str) -> bool:
+        """Post an adjustment entry once per ``reference``; False when it was posted before."""
+
+        def work(connection: Connection) -> bool:
+            self._credit(connection, user_id, "adjustment", amount, f"adjustment:{reference}", note=note)
+            return True
+
+        try:
+            return self._retrying(work)
+        except IntegrityError:
+            return False
+
+    def create_redemption_codes(self, count: int, quota_units: int, batch: str | None = None) -> list[str]:
+        """Create ``count`` single-use codes worth ``quota_units`` each; the codes are returned this once."""
+        if count < 1 or quota_units < 1:
+            raise ValueError("count and quota must be positive")
+        batch = batch or utcnow().strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
+        codes = ["rc-" + secrets.token_urlsafe(18) for _ in range(count)]
+        now = utcnow()
+        with self._transaction() as connection:
+            connection.execute(
+                insert(CODES),
+                [{"code_hash": secret_hash(c), "batch": batch, "quota": quota_units, "created_at": now} for c in codes],
+            )
+        return codes
+
+    def redeem(self, user_id: int, code: str) -> int:
+        """Redeem a code for ``user_id`` exactly once (under any concurrency); returns the units credited."""
+
+        def work(connection: Connection) -> int:
+            row = connection.execute(select(CODES).where(CODES.c.code_hash == secret_hash(code))).mappings().first()
+            if row is None:
+                raise NotFound("invalid redemption code")
+            claimed = connection.execute(
+                update(CODES).where(CODES.c.id == row["id"], CODES.c.redeemed_by.is_(None))
+                .values(redeemed_by=user_id, redeemed_at=utcnow())
+            )
+            if claimed.rowcount != 1:
+                raise DuplicateReference("this redemption code was already used")
+            self._credit(connection, user_id, "redemption", int(row["quota"]), f"redemption:{row['id']}")
+            return int(row["quota"])
+
+        return self._retrying(work)
+
+    # ------------------------------------------------------------------ holds
+
+    def estimate(self, body: dict[str, Any], model: str, group: str, at: datetime) -> tuple[int, PromptCount]:
+        """The worst case of a request in quota: its prompt count plus max_tokens (or the model's maximum)."""
+        prompt = count_request(body, model)
+        entry, _ = self.prices.resolve(model)
+        version = entry.version_at(at.timestamp()).version
+        requested = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_output = requested if isinstance(requested, int) and requested > 0 else version.max_output_tokens
+        usage = UsageRecord(provider=entry.provider, model=model, input_tokens=prompt.prompt_tokens, output_tokens=max_output)
+        return price(self.prices, usage, at, group).quota, prompt
+
+    def authorize(
+        self, secret: str, request_body: dict[str, Any], request_id: str, *, model: str | None = None,
+        at: datetime | None = None,
+    ) -> HoldTicket:
+        """Validate the key and reserve the request's worst case; raises ``QuotaExceeded`` or ``KeyRejected``.
+
+        Retrying with the same ``request_id`` returns the hold already taken, never a second one.
+        """
+        model = model or request_body.get("model")
+        if not isinstance(model, str):
+            raise KeyRejected("the request names no model", http_status=400, code="model_required")
+        moment = at or datetime.now(timezone.utc)
+        with self.engine.connect() as connection:
+            key = self._key(connection, secret, model)
+            existing = connection.execute(select(HOLDS).where(HOLDS.c.request_id == request_id)).mappings().first()
+        if existing is not None:
+            return self._ticket_for_retry(existing, key)
+        amount, prompt = self.estimate(request_body, model, key["price_group"], moment)
+        created = _naive_utc(moment)
+        limited = key["limit_quota"] is not None
+
+        def work(connection: Connection) -> HoldTicket:
+            taken = connection.execute(
+                update(USERS).where(USERS.c.id == key["user_id"], USERS.c.balance >= amount)
+                .values(balance=USERS.c.balance - amount)
+            )
+            if taken.rowcount != 1:
+                available = connection.execute(select(USERS.c.balance).where(USERS.c.id == key["user_id"])).scalar_one()
+                raise QuotaExceeded(amount, max(int(available), 0), "user")
+            if limited:
+                room = KEYS.c.limit_quota - KEYS.c.used_quota - KEYS.c.reserved_quota
+                reserved = connection.execute(
+                    update(KEYS).where(KEYS.c.id == key["id"], room >= amount)
+                    .values(reserved_quota=KEYS.c.reserved_quota + amount)
+                )
+                if reserved.rowcount != 1:
+                    left = connection.execute(select(room).where(KEYS.c.id == key["id"])).scalar_one()
+                    raise QuotaExceeded(amount, max(int(left), 0), "key")
+            hold_id = connection.execute(
+                insert(HOLDS).values(
+                    request_id=request_id, user_id=key["user_id"], key_id=key["id"], model=model,
+                    price_group=key["price_group"], amount=amount, prompt_tokens=prompt.prompt_tokens,
+                    prompt_source=str(prompt.source), limited_key=limited, status="open", created_at=created,
+                    expires_at=created + self.hold_ttl,
+                )
+            ).inserted_primary_key[0]
+            self._entry(connection, key["user_id"], "hold", -amount, f"hold:{request_id}", key_id=key["id"], hold_id=hold_id)
+            return HoldTicket(
+                id=int(hold_id), request_id=request_id, user_id=key["user_id"], key_id=key["id"], model=model,
+                price_group=key["price_group"], amount=amount, prompt_tokens=prompt.prompt_tokens,
+                prompt_source=str(prompt.source), created_at=_aware(created), expires_at=_aware(created + self.hold_ttl),
+            )
+
+        try:
+            return self._retrying(work)
+        except IntegrityError:
+            with self.engine.connect() as connection:
+                row = connection.execute(select(HOLDS).where(HOLDS.c.request_id == request_id)).mappings().first()
+            if row is None:
+                raise
+            return self._ticket_for_retry(row, key)
+
+    @staticmethod
+    def _ticket_for_retry(row: Any, key: dict[str, Any]) -> HoldTicket:
+        if row["key_id"] != key["id"]:
+            raise SettleConflict(f"request id {row['request_id']!r} was authorized with another key")
+        return _ticket(row)
+
+    def hold(self, request_id: str) -> HoldTicket:
+        """The hold taken for ``request_id`` (e.g. in another process)."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(HOLDS).where(HOLDS.c.request_id == request_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no hold for request {request_id!r}")
+        return _ticket(row)
+
+    def release(self, hold: HoldTicket) -> bool:
+        """The upstream call failed: return the hold to the balance, exactly once. False if already resolved."""
+        return self._retrying(lambda connection: self._resolve_open_hold(connection, hold.id, "released"))
+
+    def _resolve_open_hold(self, connection: Connection, hold_id: int, status: str) -> bool:
+        row = connection.execute(select(HOLDS).where(HOLDS.c.id == hold_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no hold {hold_id}")
+        changed = connection.execute(
+            update(HOLDS).where(HOLDS.c.id == hold_id, HOLDS.c.status == "open").values(status=status, resolved_at=utcnow())
+        )
+        if changed.rowcount != 1:
+            return False
+        self._entry(connection, row["user_id"], "release", row["amount"], f"release:{hold_id}", key_id=row["key_id"], hold_id=hold_id)
+        self._move_balance(connection, row["user_id"], row["amount"])
+        if row["limited_key"]:
+            connection.execute(
+                update(KEYS).where(KEYS.c.id == row["key_id"]).values(reserved_quota=KEYS.c.reserved_quota - row["amount"])
+            )
+        return True
+
+    def expire_holds(self, now: datetime | None = None) -> int:
+        """Release every open hold past its TTL (the worker runs this every minute); returns how many."""
+        cutoff = _naive_utc(now)
+        with self.engine.connect() as connection:
+            ids = connection.execute(
+                select(HOLDS.c.id).where(HOLDS.c.status == "open", HOLDS.c.expires_at <= cutoff)
+            ).scalars().all()
+        return sum(self._retrying(lambda c, i=i: self._resolve_open_hold(c, i, "expired")) for i in ids)
+
+    # ------------------------------------------------------------------ settlement
+
+    def settle(
+        self, hold: HoldTicket, *, response: dict[str, Any] | None = None, usage: UsageRecord | None = None,
+        stream: StreamAccumulator | StreamResult | None = None,
+    ) -> Receipt:
+        """Charge the actual usage at the request's time, resolving the hold; a retry returns the first receipt.
+
+        Give exactly one of ``response`` (a non-stream response body), ``usage`` or ``stream``.
+        """
+        if sum(x is not None for x in (response, usage, stream)) != 1:
+            raise ValueError("give exactly one of response=, usage= or stream=")
+        outcome = "completed"
+        if stream is not None:
+            result = stream.finish() if isinstance(stream, StreamAccumulator) else stream
+            usage, outcome = result.usage, result.status
+        elif response is not None:
+            usage = usage_from_response(response, hold.model, prompt=_prompt_of(hold))
+        assert usage is not None
+        return self._charge(hold, usage, outcome)
+
+    def _charge(self, hold: HoldTicket, usage: UsageRecord, outcome: str) -> Receipt:
+        priced = price(self.prices, usage, hold.created_at, hold.price_group)
+        payload = _payload_hash(usage, outcome)
+        event = _event_values(hold.request_id, hold.user_id, hold.key_id, hold.model, hold.price_group, usage, outcome,
+                              priced, payload, hold.created_at)
+        event["hold_id"] = hold.id
+
+        def work(connection: Connection) -> Receipt:
+            existing = connection.execute(select(EVENTS).where(EVENTS.c.request_id == hold.request_id)).mappings().first()
+            if existing is not None:
+                return _receipt_or_conflict(existing, payload, hold.amount)
+            event_id = connection.execute(insert(EVENTS).values(**event)).inserted_primary_key[0]
+            row = connection.execute(select(HOLDS).where(HOLDS.c.id == hold.id)).mappings().one()
+            was_open = self._resolve_open_hold(connection, hold.id, "settled")
+            if not was_open:
+                # Settled after expiry (or release): charge exactly once, never release a second time.
+                connection.execute(update(HOLDS).where(HOLDS.c.id == hold.id).values(resolved_at=utcnow()))
+            self._entry(connection, hold.user_id, "charge", -priced.quota, f"charge:{hold.request_id}",
+                        key_id=hold.key_id, hold_id=hold.id, usage_event_id=event_id)
+            self._move_balance(connection, hold.user_id, -priced.quota)
+            if row["limited_key"]:
+                connection.execute(
+                    update(KEYS).where(KEYS.c.id == hold.key_id).values(used_quota=KEYS.c.used_quota + priced.quota)
+                )
+            return _receipt(event | {"id": event_id}, hold.amount)
+
+        try:
+            return self._retrying(work)
+        except IntegrityError:
+            with self.engine.connect() as connection:
+                existing = connection.execute(select(EVENTS).where(EVENTS.c.request_id == hold.request_id)).mappings().first()
+            if existing is None:
+                raise
+            return _receipt_or_conflict(existing, payload, hold.amount)
+
+    # ------------------------------------------------------------------ deferred mode
+
+    def record_usage(
+        self, secret: str, request_id: str, usage: UsageRecord, *, at: datetime | None = None, outcome: str = "completed"
+    ) -> Receipt:
+        """Deferred mode: record a usage event without a hold; ``fold_deferred`` charges it later."""
+        moment = at or datetime.now(timezone.utc)
+        with self.engine.connect() as connection:
+            key = self._key(connection, secret, usage.model)
+        priced = price(self.prices, usage, moment, key["price_group"])
+        payload = _payload_hash(usage, outcome)
+        event = _event_values(request_id, key["user_id"], key["id"], usage.model, key["price_group"], usage, outcome,
+                              priced, payload, moment)
+        event["status"] = "pending"
+        try:
+            with self._transaction() as connection:
+                event_id = connection.execute(insert(EVENTS).values(**event)).inserted_primary_key[0]
+            return _receipt(event | {"id": event_id}, None)
+        except IntegrityError:
+            with self.engine.connect() as connection:
+                existing = connection.execute(select(EVENTS).where(EVENTS.c.request_id == request_id)).mappings().first()
+            if existing is None:
+                raise
+            return _receipt_or_conflict(existing, payload, None)
+
+    def fold_deferred(self, limit: int = 10_000) -> int:
+        """Charge pending usage events (the worker runs this every 10 s); returns how many were charged."""
+        with self.engine.connect() as connection:
+            ids = connection.execute(
+                select(EVENTS.c.id).where(EVENTS.c.status == "pending").order_by(EVENTS.c.id).limit(limit)
+            ).scalars().all()
+
+        def fold(connection: Connection, event_id: int) -> int:
+            claimed = connection.execute(
+                update(EVENTS).where(EVENTS.c.id == event_id, EVENTS.c.status == "pending").values(status="charged")
+            )
+            if claimed.rowcount != 1:
+                return 0
+            row = connection.execute(select(EVENTS).where(EVENTS.c.id == event_id)).mappings().one()
+            self._entry(connection, row["user_id"], "charge", -row["quota"], f"charge:{row['request_id']}",
+                        key_id=row["key_id"], usage_event_id=event_id)
+            self._move_balance(connection, row["user_id"], -row["quota"])
+            connection.execute(
+                update(KEYS).where(KEYS.c.id == row["key_id"], KEYS.c.limit_quota.is_not(None))
+                .values(used_quota=KEYS.c.used_quota + row["quota"])
+            )
+            return 1
+
+        return sum(self._retrying(lambda c, i=i: fold(c, i)) for i in ids)
+
+    # ------------------------------------------------------------------ audit
+
+    def audit(self) -> AuditReport:
+        """Check every invariant of docs/ledger.md; the report lists each violation."""
+        from metering.ledger.audit import run_audit
+
+        with self.engine.connect() as connection:
+            return AuditReport(tuple(run_audit(connection)))
+
+
+def _ticket(row: Any) -> HoldTicket:
+    return HoldTicket(
+        id=row["id"], request_id=row["request_id"], user_id=row["user_id"], key_id=row["key_id"], model=row["model"],
+        price_group=row["price_group"], amount=row["amount"], prompt_tokens=row["prompt_tokens"],
+        prompt_source=row["prompt_source"], created_at=_aware(row["created_at"]), expires_at=_aware(row["expires_at"]),
+    )
+
+
+def _prompt_of(hold: HoldTicket) -> PromptCount:
+    resolved = resolve_model(hold.model)
+    return PromptCount(
+        model=hold.model, canonical_model=resolved.canonical, provider=resolved.provider, encoding=None,
+        prompt_tokens=hold.prompt_tokens, source=UsageSource(hold.prompt_source),
+    )
+
+
+def _payload_hash(usage: UsageRecord, outcome: str) -> str:
+    data = usage.to_dict()
+    data.pop("extra", None)
+    data["outcome"] = outcome
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _event_values(
+    request_id: str, user_id: int, key_id: int, model: str, group: str, usage: UsageRecord, outcome: str,
+    priced: Any, payload: str, at: datetime,
+) -> dict[str, Any]:
+    return {
+        "request_id": request_id, "hold_id": None, "user_id": user_id, "key_id": key_id, "model": model,
+        "price_group": group, "status": "charged", "outcome": outcome, "source": str(usage.source),
+        "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cached_input_tokens,
+        "cache_write_5m_tokens": usage.cache_write_5m_tokens, "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+        "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens, "images": usage.images,
+        "web_search_requests": usage.web_search_requests, "quota": priced.quota, "usd": decimal_text(priced.usd),
+        "price_version": priced.price_version.astimezone(timezone.utc).replace(tzinfo=None),
+        "payload_hash": payload, "occurred_at": _naive_utc(at), "created_at": utcnow(),
+    }
+
+
+def _receipt(event: Any, hold_amount: int | None) -> Receipt:
+    version = event["price_version"]
+    return Receipt(
+        request_id=event["request_id"], hold_id=event["hold_id"], model=event["model"], quota=int(event["quota"]),
+        usd=event["usd"], price_version=_aware(version).isoformat(),
+        overage=max(0, int(event["quota"]) - hold_amount) if hold_amount is not None else 0,
+        outcome=event["outcome"], source=event["source"],
+    )
+
+
+def _receipt_or_conflict(existing: Any, payload: str, hold_amount: int | None) -> Receipt:
+    if existing["payload_hash"] != payload:
+        raise SettleConflict(f"request {existing['request_id']!r} was already settled with a different usage")
+    return _receipt(existing, hold_amount)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create every table (used by the schema module's first migration and by tests)."""
+    SQLModel.metadata.create_all(engine)
+
+
+__all__ = [
+    "AuditReport", "ENTRY_KINDS", "HoldTicket", "Meter", "Receipt", "Violation",
+]

@@ -1,0 +1,162 @@
+"""The ledger's tables (SQLModel). Append-only where it matters: entries, usage events, orders, grants.
+
+All quota amounts are integer quota units (BigInteger); all times are stored as naive UTC.
+Invariants over these tables are written once in docs/ledger.md and checked by ``metering.ledger.audit``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Column, DateTime, Index, String, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _time(*, nullable: bool = False, index: bool = False) -> object:
+    """A naive-UTC timestamp column (the ledger converts at its edges; SQLite keeps no time zone)."""
+    return Field(default=None if nullable else ..., sa_column=Column(DateTime, nullable=nullable, index=index))
+
+
+def _quota(default: int | None = 0, *, nullable: bool = False) -> object:
+    return Field(default=default, sa_column=Column(BigInteger, nullable=nullable, default=default))
+
+
+class User(SQLModel, table=True):
+    """A customer account: its pricing group and its balance (always the sum of its entries)."""
+
+    __tablename__ = "users"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(190), nullable=False, unique=True))
+    group: str = Field(default="default", sa_column=Column("price_group", String(64), nullable=False))
+    balance: int = _quota()
+    created_at: datetime = _time()
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key: only the sha256 of its secret is stored; the secret is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    name: str = Field(sa_column=Column(String(190), nullable=False))
+    secret_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    display_prefix: str = Field(sa_column=Column(String(32), nullable=False))
+    status: str = Field(default="enabled", sa_column=Column(String(16), nullable=False))  # enabled | revoked
+    expires_at: datetime | None = _time(nullable=True)
+    allowed_models: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # JSON list; None = all
+    limit_quota: int | None = _quota(None, nullable=True)  # None = unlimited
+    used_quota: int = _quota()  # charges (limited keys only)
+    reserved_quota: int = _quota()  # open holds (limited keys only)
+    created_at: datetime = _time()
+
+
+class Hold(SQLModel, table=True):
+    """Quota reserved before an upstream call; resolved once: settled, released or expired."""
+
+    __tablename__ = "holds"
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(sa_column=Column(String(190), nullable=False, unique=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    key_id: int = Field(foreign_key="api_keys.id", index=True)
+    model: str = Field(sa_column=Column(String(190), nullable=False))
+    price_group: str = Field(sa_column=Column(String(64), nullable=False))
+    amount: int = _quota()
+    prompt_tokens: int = _quota()
+    prompt_source: str = Field(default="local", sa_column=Column(String(16), nullable=False))
+    limited_key: bool = False  # whether the key's reserved counter holds this amount
+    status: str = Field(default="open", sa_column=Column(String(16), nullable=False, index=True))
+    created_at: datetime = _time()  # the request's time: the usage is priced at it
+    expires_at: datetime = _time(index=True)
+    resolved_at: datetime | None = _time(nullable=True)
+
+
+class UsageEvent(SQLModel, table=True):
+    """One request's usage (one per request id), priced; ``status`` pending (deferred) or charged."""
+
+    __tablename__ = "usage_events"
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(sa_column=Column(String(190), nullable=False, unique=True))
+    hold_id: int | None = Field(default=None, foreign_key="holds.id")
+    user_id: int = Field(foreign_key="users.id", index=True)
+    key_id: int = Field(foreign_key="api_keys.id", index=True)
+    model: str = Field(sa_column=Column(String(190), nullable=False))
+    price_group: str = Field(sa_column=Column(String(64), nullable=False))
+    status: str = Field(default="charged", sa_column=Column(String(16), nullable=False, index=True))
+    outcome: str = Field(default="completed", sa_column=Column(String(16), nullable=False))  # stream status
+    source: str = Field(sa_column=Column(String(16), nullable=False))  # upstream | local | estimated
+    input_tokens: int = _quota()
+    cached_input_tokens: int = _quota()
+    cache_write_5m_tokens: int = _quota()
+    cache_write_1h_tokens: int = _quota()
+    output_tokens: int = _quota()
+    reasoning_tokens: int = _quota()
+    images: int = _quota()
+    web_search_requests: int = _quota()
+    quota: int = _quota()
+    usd: str = Field(sa_column=Column(String(64), nullable=False))  # exact decimal text
+    price_version: datetime = _time()
+    payload_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    occurred_at: datetime = _time(index=True)
+    created_at: datetime = _time()
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One signed movement of a user's balance. Never updated, never deleted."""
+
+    __tablename__ = "ledger_entries"
+    # (kind, reference) is unique: the database itself refuses a second charge for a request id, a second
+    # release of a hold, a second credit for a top-up order. NULL references (none today) never collide.
+    __table_args__ = (
+        UniqueConstraint("kind", "reference", name="uq_ledger_entries_kind_reference"),
+        Index("ix_ledger_entries_hold_kind", "hold_id", "kind"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    key_id: int | None = Field(default=None, foreign_key="api_keys.id")
+    kind: str = Field(sa_column=Column(String(16), nullable=False))  # see ENTRY_KINDS in metering.ledger.meter
+    amount: int = _quota()
+    hold_id: int | None = Field(default=None, foreign_key="holds.id")
+    usage_event_id: int | None = Field(default=None, foreign_key="usage_events.id", index=True)
+    reference: str | None = Field(default=None, sa_column=Column(String(190), nullable=True))
+    note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = _time()
+
+
+class TopupOrder(SQLModel, table=True):
+    """A paid top-up, one per external reference (the payment's id): a retried webhook credits once."""
+
+    __tablename__ = "topup_orders"
+    id: int | None = Field(default=None, primary_key=True)
+    reference: str = Field(sa_column=Column(String(190), nullable=False, unique=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    amount: str = Field(sa_column=Column(String(64), nullable=False))
+    currency: str = Field(sa_column=Column(String(8), nullable=False))
+    rate_id: str = Field(sa_column=Column(String(64), nullable=False))
+    usd_credit: str = Field(sa_column=Column(String(64), nullable=False))
+    quota: int = _quota()
+    created_at: datetime = _time()
+
+
+class GrantRecord(SQLModel, table=True):
+    """A grant given: at most one per user and kind."""
+
+    __tablename__ = "grants"
+    __table_args__ = (UniqueConstraint("user_id", "kind", name="uq_grants_user_kind"),)
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id")
+    kind: str = Field(sa_column=Column(String(64), nullable=False))
+    quota: int = _quota()
+    created_at: datetime = _time()
+
+
+class RedemptionCode(SQLModel, table=True):
+    """A single-use code worth ``quota`` units; only the sha256 of the code is stored."""
+
+    __tablename__ = "redemption_codes"
+    id: int | None = Field(default=None, primary_key=True)
+    code_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    batch: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    quota: int = _quota()
+    redeemed_by: int | None = Field(default=None, foreign_key="users.id")
+    redeemed_at: datetime | None = _time(nullable=True)
+    created_at: datetime = _time()
