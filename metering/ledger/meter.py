@@ -14,6 +14,7 @@ only, and every authorization is refused until a top-up brings it back above the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -622,6 +623,26 @@ class Meter:
             return 1
 
         return sum(self._retrying(lambda c, i=i: fold(c, i)) for i in ids)
+
+    # ------------------------------------------------------------------ asyncio
+
+    async def aauthorize(
+        self, secret: str, request_body: dict[str, Any], request_id: str, *, model: str | None = None,
+        at: datetime | None = None,
+    ) -> HoldTicket:
+        """``authorize`` for asyncio code: runs in a worker thread, so the event loop never waits on the database."""
+        return await asyncio.to_thread(self.authorize, secret, request_body, request_id, model=model, at=at)
+
+    async def asettle(
+        self, hold: HoldTicket, *, response: dict[str, Any] | None = None, usage: UsageRecord | None = None,
+        stream: StreamAccumulator | StreamResult | None = None,
+    ) -> Receipt:
+        """``settle`` for asyncio code (in a worker thread)."""
+        return await asyncio.to_thread(self.settle, hold, response=response, usage=usage, stream=stream)
+
+    async def arelease(self, hold: HoldTicket) -> bool:
+        """``release`` for asyncio code (in a worker thread)."""
+        return await asyncio.to_thread(self.release, hold)
 
     # ------------------------------------------------------------------ audit
 
