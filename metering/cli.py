@@ -136,13 +136,21 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON li
 def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    db: Annotated[
+        Optional[str], typer.Option("--db", help="Ledger database URL (default: a new SQLite file in a temp dir).")
+    ] = None,
 ) -> None:
-    """Count the bundled sample requests and replay the sample streams (the embedded default job)."""
-    from metering.demo import run_demo
+    """The embedded default job: count and price the samples, then run them through the ledger and audit it."""
+    import tempfile
+
+    from metering.demo import run_demo, run_ledger_demo
 
     samples = resources.files("metering").joinpath("samples")
     show_progress = not (quiet or as_json) and stdout.is_terminal
-    results = run_demo(samples, lambda items, label: track(items, description=label, disable=not show_progress))
+    progress = lambda items, label: track(items, description=label, disable=not show_progress)  # noqa: E731
+    results = run_demo(samples, progress)
+    with tempfile.TemporaryDirectory(prefix="metering-demo-") as scratch:
+        results["ledger"] = run_ledger_demo(samples, db or f"sqlite:///{scratch}/demo.db", progress)
     if as_json:
         print(json.dumps(results, ensure_ascii=False))
         return
@@ -166,6 +174,15 @@ def demo(
             str(row["priced"]["quota"]),
         )
     out.print(streams)
+    ledger = results["ledger"]
+    steps = Table("step", "units", title=f"Ledger ({ledger['database']})")
+    for step in ledger["steps"]:
+        steps.add_row(step["step"], f"{step['units']:+d}")
+    steps.add_row("[bold]balance[/]", f"[bold]{ledger['balance']}[/]")
+    out.print(steps)
+    out.print("audit: ok" if ledger["audit_ok"] else f"audit: VIOLATIONS {ledger['violations']}", highlight=False)
+    if not ledger["audit_ok"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

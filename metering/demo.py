@@ -44,3 +44,42 @@ def run_demo(samples: Traversable, progress: Progress) -> dict[str, Any]:
                         "finish_reason": result.finish_reason, "usage": result.usage.to_dict(),
                         "priced": priced.to_dict()})
     return {"requests": requests, "streams": streams}
+
+
+def run_ledger_demo(samples: Traversable, url: str, progress: Progress) -> dict[str, Any]:
+    """The gateway's life on the embedded ledger: credit a user, hold, settle or release each sample, audit."""
+    from metering.ledger import Meter
+
+    meter = Meter.open(url)
+    try:
+        uid = meter.create_user(f"demo-{secrets_suffix()}")
+        steps = [
+            {"step": "grant signup", "units": meter.grant(uid, "signup")},
+            {"step": "top-up 10 CNY (1 CNY = $1 promotion)", "units": meter.topup(uid, "10", "CNY", f"demo-{uid}-order-1")},
+        ]
+        secret = meter.create_key(uid, "demo key", limit_quota=None)
+        index = json.loads(samples.joinpath("streams", "index.json").read_text(encoding="utf-8"))
+        for number, entry in enumerate(progress(index, "Holding and settling"), start=1):
+            body = json.loads(samples.joinpath("requests", entry["request"]).read_text(encoding="utf-8"))
+            hold = meter.authorize(secret, body, f"demo-{uid}-{number}", model=entry["model"])
+            accumulator = StreamAccumulator(entry["model"], prompt=count_request(body, entry["model"]))
+            accumulator.feed(samples.joinpath("streams", entry["file"]).read_bytes())
+            result = accumulator.finish()
+            if result.status == "error":  # the upstream failed: the gateway releases, the user pays nothing
+                meter.release(hold)
+                steps.append({"step": f"{entry['file']}: hold {hold.amount}, released", "units": 0})
+            else:
+                receipt = meter.settle(hold, stream=result)
+                steps.append({"step": f"{entry['file']}: hold {hold.amount}, settled ({result.status})", "units": -receipt.quota})
+        report = meter.audit()
+        return {"database": url, "user_id": uid, "steps": steps, "balance": meter.balance(uid), "audit_ok": report.ok,
+                "violations": [v.detail for v in report.violations]}
+    finally:
+        meter.close()
+
+
+def secrets_suffix() -> str:
+    """A short random suffix, so the demo can run again on the same database."""
+    import secrets
+
+    return secrets.token_hex(3)

@@ -103,6 +103,12 @@ def test_demo_json_counts_and_replays_the_samples() -> None:
     statuses = {row["sample"]: row["status"] for row in payload["streams"]}
     assert statuses == {"openai-with-usage.sse": "completed", "openai-cut.sse": "aborted",
                         "anthropic-complete.sse": "completed", "anthropic-error.sse": "error"}
+    ledger = payload["ledger"]
+    assert ledger["audit_ok"]
+    # $0.2 signup + 10 CNY at the promotion = 5,100,000 units, less the three settled streams' quota
+    # (each priced in payload["streams"]); the errored stream's hold is released, not charged.
+    charged = sum(row["priced"]["quota"] for row in payload["streams"] if row["status"] != "error")
+    assert ledger["balance"] == 5_100_000 - charged
 
 
 def test_demo_plain_output_is_quiet_when_not_a_terminal() -> None:
