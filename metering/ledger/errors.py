@@ -35,6 +35,9 @@ class QuotaExceeded(LedgerError):
         owner = "your balance" if scope == "user" else "this API key's limit"
         super().__init__(f"insufficient quota: this request may need {needed} units, {owner} has {available} available")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (a gateway's worker pool)
+        return (type(self), (self.needed, self.available, self.scope))
+
 
 class KeyRejected(LedgerError):
     """The API key is unknown, revoked, expired, or not allowed this model."""
@@ -48,6 +51,9 @@ class KeyRejected(LedgerError):
         self.http_status = http_status
         self.error_code = code
         super().__init__(reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason,), {"http_status": self.http_status, "error_code": self.error_code})
 
 
 class SettleConflict(LedgerError):

@@ -198,6 +198,17 @@ class Meter:
         )
 
     @staticmethod
+    def _lock_user(connection: Connection, user_id: int) -> None:
+        """Take the user's row lock first (FOR NO KEY UPDATE / FOR UPDATE, a no-op on SQLite's BEGIN IMMEDIATE).
+
+        InnoDB's foreign-key checks take a shared lock on the users row for every insert that names the
+        user (holds, usage events, entries, orders, grants, codes); the balance UPDATE that follows must
+        then upgrade it, and two transactions of one user upgrading at once deadlock. Locking first
+        queues them instead.
+        """
+        connection.execute(select(USERS.c.id).where(USERS.c.id == user_id).with_for_update(key_share=True))
+
+    @staticmethod
     def _move_balance(connection: Connection, user_id: int, delta: int) -> None:
         connection.execute(update(USERS).where(USERS.c.id == user_id).values(balance=USERS.c.balance + delta))
 
@@ -318,6 +329,7 @@ class Meter:
         units = grant_quota(self.prices, kind)
 
         def work(connection: Connection) -> int:
+            self._lock_user(connection, user_id)
             if connection.execute(select(GRANTS.c.id).where(GRANTS.c.user_id == user_id, GRANTS.c.kind == kind)).first():
                 return 0
             connection.execute(insert(GRANTS).values(user_id=user_id, kind=kind, quota=units, created_at=utcnow()))
@@ -341,6 +353,7 @@ class Meter:
         }
 
         def work(connection: Connection) -> int:
+            self._lock_user(connection, user_id)
             connection.execute(insert(ORDERS).values(**order, created_at=utcnow()))
             self._credit(connection, user_id, "topup", quote.quota, f"topup:{reference}", note=quote.label)
             return quote.quota
@@ -360,6 +373,7 @@ class Meter:
         """Post an adjustment entry once per ``reference``; False when it was posted before."""
 
         def work(connection: Connection) -> bool:
+            self._lock_user(connection, user_id)
             self._credit(connection, user_id, "adjustment", amount, f"adjustment:{reference}", note=note)
             return True
 
@@ -386,6 +400,7 @@ class Meter:
         """Redeem a code for ``user_id`` exactly once (under any concurrency); returns the units credited."""
 
         def work(connection: Connection) -> int:
+            self._lock_user(connection, user_id)
             row = connection.execute(select(CODES).where(CODES.c.code_hash == secret_hash(code))).mappings().first()
             if row is None:
                 raise NotFound("invalid redemption code")
@@ -496,6 +511,7 @@ class Meter:
         row = connection.execute(select(HOLDS).where(HOLDS.c.id == hold_id)).mappings().first()
         if row is None:
             raise NotFound(f"no hold {hold_id}")
+        self._lock_user(connection, row["user_id"])
         changed = connection.execute(
             update(HOLDS).where(HOLDS.c.id == hold_id, HOLDS.c.status == "open").values(status=status, resolved_at=utcnow())
         )
@@ -547,6 +563,7 @@ class Meter:
         event["hold_id"] = hold.id
 
         def work(connection: Connection) -> Receipt:
+            self._lock_user(connection, hold.user_id)
             existing = connection.execute(select(EVENTS).where(EVENTS.c.request_id == hold.request_id)).mappings().first()
             if existing is not None:
                 return _receipt_or_conflict(existing, payload, hold.amount)
@@ -613,6 +630,7 @@ class Meter:
             if claimed.rowcount != 1:
                 return 0
             row = connection.execute(select(EVENTS).where(EVENTS.c.id == event_id)).mappings().one()
+            self._lock_user(connection, row["user_id"])
             self._entry(connection, row["user_id"], "charge", -row["quota"], f"charge:{row['request_id']}",
                         key_id=row["key_id"], usage_event_id=event_id)
             self._move_balance(connection, row["user_id"], -row["quota"])
