@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from metering.cli_ledger import register as register_ledger_commands
 from metering.cli_prices import register as register_pricing_commands
 from metering.counting import count_request
 from pricing.errors import BillingError
@@ -28,6 +29,7 @@ app = typer.Typer(
 stdout = Console()
 stderr = Console(stderr=True)
 register_pricing_commands(app)
+register_ledger_commands(app)
 
 #: Exit code for bad input (a request that cannot be counted, an unknown model, unreadable JSON).
 EXIT_BAD_INPUT = 2

@@ -221,9 +221,14 @@ class Meter:
     def create_user(self, name: str, group: str = "default") -> int:
         """Create a user in ``group`` (a group of the price table) with a zero balance; returns its id."""
         self.prices.group_multiplier(group)  # an unknown group is refused here, not at the first request
-        with self._transaction() as connection:
-            result = connection.execute(insert(USERS).values(name=name, price_group=group, balance=0, created_at=utcnow()))
-            return int(result.inserted_primary_key[0])
+        if not name or name.isdigit():
+            raise ValueError(f"a user name must be non-empty and not only digits (digits name a user id): {name!r}")
+        try:
+            with self._transaction() as connection:
+                result = connection.execute(insert(USERS).values(name=name, price_group=group, balance=0, created_at=utcnow()))
+                return int(result.inserted_primary_key[0])
+        except IntegrityError:
+            raise DuplicateReference(f"user {name!r} already exists") from None
 
     def user(self, user_id: int) -> dict[str, Any]:
         """A user's id, name, group and balance."""
@@ -327,6 +332,7 @@ class Meter:
     def grant(self, user_id: int, kind: str) -> int:
         """Give the price table's grant ``kind`` once per user; returns the units credited (0 the second time)."""
         units = grant_quota(self.prices, kind)
+        self.user(user_id)  # NotFound, not a foreign-key error swallowed as "granted before"
 
         def work(connection: Connection) -> int:
             self._lock_user(connection, user_id)
@@ -347,6 +353,7 @@ class Meter:
         """Credit a paid top-up at the recharge rate in force; once per external ``reference``. Returns units."""
         moment = at or datetime.now(timezone.utc)
         quote = quote_topup(self.prices, amount, currency, moment)
+        self.user(user_id)  # NotFound, not a raw foreign-key IntegrityError
         order = {
             "reference": reference, "user_id": user_id, "amount": str(quote.amount), "currency": currency,
             "rate_id": quote.rate_id, "usd_credit": decimal_text(quote.usd_credit), "quota": quote.quota,
@@ -371,6 +378,7 @@ class Meter:
 
     def adjust(self, user_id: int, amount: int, reference: str, note: str) -> bool:
         """Post an adjustment entry once per ``reference``; False when it was posted before."""
+        self.user(user_id)  # NotFound, not a foreign-key error swallowed as "posted before"
 
         def work(connection: Connection) -> bool:
             self._lock_user(connection, user_id)
@@ -380,7 +388,15 @@ class Meter:
         try:
             return self._retrying(work)
         except IntegrityError:
-            return False
+            with self.engine.connect() as connection:
+                row = connection.execute(
+                    select(ENTRIES).where(ENTRIES.c.kind == "adjustment", ENTRIES.c.reference == f"adjustment:{reference}")
+                ).mappings().first()
+            if row is None:
+                raise
+            if (row["user_id"], row["amount"], row["note"]) != (user_id, amount, note):
+                raise DuplicateReference(f"adjustment reference {reference!r} was used for a different adjustment") from None
+            return False  # a retry: posted once
 
     def create_redemption_codes(self, count: int, quota_units: int, batch: str | None = None) -> list[str]:
         """Create ``count`` single-use codes worth ``quota_units`` each; the codes are returned this once."""
@@ -398,6 +414,7 @@ class Meter:
 
     def redeem(self, user_id: int, code: str) -> int:
         """Redeem a code for ``user_id`` exactly once (under any concurrency); returns the units credited."""
+        self.user(user_id)  # NotFound, not a raw foreign-key IntegrityError
 
         def work(connection: Connection) -> int:
             self._lock_user(connection, user_id)
@@ -566,7 +583,7 @@ class Meter:
             self._lock_user(connection, hold.user_id)
             existing = connection.execute(select(EVENTS).where(EVENTS.c.request_id == hold.request_id)).mappings().first()
             if existing is not None:
-                return _receipt_or_conflict(existing, payload, hold.amount)
+                return _receipt_or_conflict(existing, payload, _reserved(connection, hold))
             event_id = connection.execute(insert(EVENTS).values(**event)).inserted_primary_key[0]
             row = connection.execute(select(HOLDS).where(HOLDS.c.id == hold.id)).mappings().one()
             was_open = self._resolve_open_hold(connection, hold.id, "settled")
@@ -580,16 +597,18 @@ class Meter:
                 connection.execute(
                     update(KEYS).where(KEYS.c.id == hold.key_id).values(used_quota=KEYS.c.used_quota + priced.quota)
                 )
-            return _receipt(event | {"id": event_id}, hold.amount)
+            # A late settle (the hold expired or was released first) has nothing reserved: all of it is overage.
+            return _receipt(event | {"id": event_id}, hold.amount if was_open else 0)
 
         try:
             return self._retrying(work)
         except IntegrityError:
             with self.engine.connect() as connection:
                 existing = connection.execute(select(EVENTS).where(EVENTS.c.request_id == hold.request_id)).mappings().first()
+                reserved = _reserved(connection, hold)
             if existing is None:
                 raise
-            return _receipt_or_conflict(existing, payload, hold.amount)
+            return _receipt_or_conflict(existing, payload, reserved)
 
     # ------------------------------------------------------------------ deferred mode
 
@@ -678,6 +697,12 @@ def _ticket(row: Any) -> HoldTicket:
         price_group=row["price_group"], amount=row["amount"], prompt_tokens=row["prompt_tokens"],
         prompt_source=row["prompt_source"], created_at=_aware(row["created_at"]), expires_at=_aware(row["expires_at"]),
     )
+
+
+def _reserved(connection: Connection, hold: HoldTicket) -> int:
+    """What the first settle found reserved: the hold's amount if it settled the hold, else 0 (a late settle)."""
+    status = connection.execute(select(HOLDS.c.status).where(HOLDS.c.id == hold.id)).scalar_one()
+    return hold.amount if status == "settled" else 0
 
 
 def _prompt_of(hold: HoldTicket) -> PromptCount:

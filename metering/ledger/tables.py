@@ -9,12 +9,23 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import BigInteger, Column, DateTime, Index, String, Text, UniqueConstraint
+from sqlalchemy.dialects import mysql
 from sqlmodel import Field, SQLModel
+
+
+#: Timestamps to the microsecond everywhere (MySQL/MariaDB's DATETIME would drop the fraction).
+TIMESTAMP = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+
+def text(length: int) -> String:
+    """A VARCHAR compared exactly everywhere: MySQL/MariaDB's default collation would match request ids
+    ``req-A``, ``req-a`` and ``req-a `` as one (case-insensitive, trailing spaces ignored)."""
+    return String(length).with_variant(mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql", "mariadb")
 
 
 def _time(*, nullable: bool = False, index: bool = False) -> object:
     """A naive-UTC timestamp column (the ledger converts at its edges; SQLite keeps no time zone)."""
-    return Field(default=None if nullable else ..., sa_column=Column(DateTime, nullable=nullable, index=index))
+    return Field(default=None if nullable else ..., sa_column=Column(TIMESTAMP, nullable=nullable, index=index))
 
 
 def _quota(default: int | None = 0, *, nullable: bool = False) -> object:
@@ -26,8 +37,8 @@ class User(SQLModel, table=True):
 
     __tablename__ = "users"
     id: int | None = Field(default=None, primary_key=True)
-    name: str = Field(sa_column=Column(String(190), nullable=False, unique=True))
-    group: str = Field(default="default", sa_column=Column("price_group", String(64), nullable=False))
+    name: str = Field(sa_column=Column(text(190), nullable=False, unique=True))
+    group: str = Field(default="default", sa_column=Column("price_group", text(64), nullable=False))
     balance: int = _quota()
     created_at: datetime = _time()
 
@@ -38,10 +49,10 @@ class ApiKey(SQLModel, table=True):
     __tablename__ = "api_keys"
     id: int | None = Field(default=None, primary_key=True)
     user_id: int = Field(foreign_key="users.id", index=True)
-    name: str = Field(sa_column=Column(String(190), nullable=False))
-    secret_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
-    display_prefix: str = Field(sa_column=Column(String(32), nullable=False))
-    status: str = Field(default="enabled", sa_column=Column(String(16), nullable=False))  # enabled | revoked
+    name: str = Field(sa_column=Column(text(190), nullable=False))
+    secret_hash: str = Field(sa_column=Column(text(64), nullable=False, unique=True))
+    display_prefix: str = Field(sa_column=Column(text(32), nullable=False))
+    status: str = Field(default="enabled", sa_column=Column(text(16), nullable=False))  # enabled | revoked
     expires_at: datetime | None = _time(nullable=True)
     allowed_models: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # JSON list; None = all
     limit_quota: int | None = _quota(None, nullable=True)  # None = unlimited
@@ -55,16 +66,16 @@ class Hold(SQLModel, table=True):
 
     __tablename__ = "holds"
     id: int | None = Field(default=None, primary_key=True)
-    request_id: str = Field(sa_column=Column(String(190), nullable=False, unique=True))
+    request_id: str = Field(sa_column=Column(text(190), nullable=False, unique=True))
     user_id: int = Field(foreign_key="users.id", index=True)
     key_id: int = Field(foreign_key="api_keys.id", index=True)
-    model: str = Field(sa_column=Column(String(190), nullable=False))
-    price_group: str = Field(sa_column=Column(String(64), nullable=False))
+    model: str = Field(sa_column=Column(text(190), nullable=False))
+    price_group: str = Field(sa_column=Column(text(64), nullable=False))
     amount: int = _quota()
     prompt_tokens: int = _quota()
-    prompt_source: str = Field(default="local", sa_column=Column(String(16), nullable=False))
+    prompt_source: str = Field(default="local", sa_column=Column(text(16), nullable=False))
     limited_key: bool = False  # whether the key's reserved counter holds this amount
-    status: str = Field(default="open", sa_column=Column(String(16), nullable=False, index=True))
+    status: str = Field(default="open", sa_column=Column(text(16), nullable=False, index=True))
     created_at: datetime = _time()  # the request's time: the usage is priced at it
     expires_at: datetime = _time(index=True)
     resolved_at: datetime | None = _time(nullable=True)
@@ -75,15 +86,15 @@ class UsageEvent(SQLModel, table=True):
 
     __tablename__ = "usage_events"
     id: int | None = Field(default=None, primary_key=True)
-    request_id: str = Field(sa_column=Column(String(190), nullable=False, unique=True))
+    request_id: str = Field(sa_column=Column(text(190), nullable=False, unique=True))
     hold_id: int | None = Field(default=None, foreign_key="holds.id")
     user_id: int = Field(foreign_key="users.id", index=True)
     key_id: int = Field(foreign_key="api_keys.id", index=True)
-    model: str = Field(sa_column=Column(String(190), nullable=False))
-    price_group: str = Field(sa_column=Column(String(64), nullable=False))
-    status: str = Field(default="charged", sa_column=Column(String(16), nullable=False, index=True))
-    outcome: str = Field(default="completed", sa_column=Column(String(16), nullable=False))  # stream status
-    source: str = Field(sa_column=Column(String(16), nullable=False))  # upstream | local | estimated
+    model: str = Field(sa_column=Column(text(190), nullable=False))
+    price_group: str = Field(sa_column=Column(text(64), nullable=False))
+    status: str = Field(default="charged", sa_column=Column(text(16), nullable=False, index=True))
+    outcome: str = Field(default="completed", sa_column=Column(text(16), nullable=False))  # stream status
+    source: str = Field(sa_column=Column(text(16), nullable=False))  # upstream | local | estimated
     input_tokens: int = _quota()
     cached_input_tokens: int = _quota()
     cache_write_5m_tokens: int = _quota()
@@ -93,9 +104,9 @@ class UsageEvent(SQLModel, table=True):
     images: int = _quota()
     web_search_requests: int = _quota()
     quota: int = _quota()
-    usd: str = Field(sa_column=Column(String(64), nullable=False))  # exact decimal text
+    usd: str = Field(sa_column=Column(text(64), nullable=False))  # exact decimal text
     price_version: datetime = _time()
-    payload_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    payload_hash: str = Field(sa_column=Column(text(64), nullable=False))
     occurred_at: datetime = _time(index=True)
     created_at: datetime = _time()
 
@@ -113,11 +124,11 @@ class LedgerEntry(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     user_id: int = Field(foreign_key="users.id", index=True)
     key_id: int | None = Field(default=None, foreign_key="api_keys.id")
-    kind: str = Field(sa_column=Column(String(16), nullable=False))  # see ENTRY_KINDS in metering.ledger.meter
+    kind: str = Field(sa_column=Column(text(16), nullable=False))  # see ENTRY_KINDS in metering.ledger.meter
     amount: int = _quota()
     hold_id: int | None = Field(default=None, foreign_key="holds.id")
     usage_event_id: int | None = Field(default=None, foreign_key="usage_events.id", index=True)
-    reference: str | None = Field(default=None, sa_column=Column(String(190), nullable=True))
+    reference: str | None = Field(default=None, sa_column=Column(text(190), nullable=True))
     note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = _time()
 
@@ -127,12 +138,12 @@ class TopupOrder(SQLModel, table=True):
 
     __tablename__ = "topup_orders"
     id: int | None = Field(default=None, primary_key=True)
-    reference: str = Field(sa_column=Column(String(190), nullable=False, unique=True))
+    reference: str = Field(sa_column=Column(text(190), nullable=False, unique=True))
     user_id: int = Field(foreign_key="users.id", index=True)
-    amount: str = Field(sa_column=Column(String(64), nullable=False))
-    currency: str = Field(sa_column=Column(String(8), nullable=False))
-    rate_id: str = Field(sa_column=Column(String(64), nullable=False))
-    usd_credit: str = Field(sa_column=Column(String(64), nullable=False))
+    amount: str = Field(sa_column=Column(text(64), nullable=False))
+    currency: str = Field(sa_column=Column(text(8), nullable=False))
+    rate_id: str = Field(sa_column=Column(text(64), nullable=False))
+    usd_credit: str = Field(sa_column=Column(text(64), nullable=False))
     quota: int = _quota()
     created_at: datetime = _time()
 
@@ -144,7 +155,7 @@ class GrantRecord(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("user_id", "kind", name="uq_grants_user_kind"),)
     id: int | None = Field(default=None, primary_key=True)
     user_id: int = Field(foreign_key="users.id")
-    kind: str = Field(sa_column=Column(String(64), nullable=False))
+    kind: str = Field(sa_column=Column(text(64), nullable=False))
     quota: int = _quota()
     created_at: datetime = _time()
 
@@ -154,8 +165,8 @@ class RedemptionCode(SQLModel, table=True):
 
     __tablename__ = "redemption_codes"
     id: int | None = Field(default=None, primary_key=True)
-    code_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
-    batch: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    code_hash: str = Field(sa_column=Column(text(64), nullable=False, unique=True))
+    batch: str = Field(sa_column=Column(text(64), nullable=False, index=True))
     quota: int = _quota()
     redeemed_by: int | None = Field(default=None, foreign_key="users.id")
     redeemed_at: datetime | None = _time(nullable=True)

@@ -1,0 +1,514 @@
+"""Ledger commands of the ``metering`` command line: db, user, key, topup, grant, redeem, balance, audit.
+
+A public contract (docs/ledger.md and tests use these names, fields and exit codes). The database is
+``--db URL``, else ``$METERING_DB``, else ``sqlite:///metering.db``; every command brings the schema to
+head first (``db upgrade`` does only that). USER is a user's name or id. ``--json`` prints one JSON
+document. Errors print ``error: ...`` on stderr and exit 2; ``audit`` exits 1 when an invariant is
+broken. Secrets (API keys, redemption codes) are printed once, by the command that creates them, and
+never again: the database keeps only their sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from pricing.errors import BillingError
+from pricing.quote import decimal_text
+
+T = TypeVar("T")
+stdout = Console()
+stderr = Console(stderr=True)
+EXIT_BAD_INPUT = 2
+EXIT_VIOLATIONS = 1
+SECRET_WARNING = "shown this once: the ledger stores only its sha256 and cannot show it again; copy it now"
+
+DbOption = Annotated[
+    Optional[str],
+    typer.Option("--db", help="Ledger database URL (default: $METERING_DB, else sqlite:///metering.db).", show_default=False),
+]
+PricesOption = Annotated[
+    Optional[Path],
+    typer.Option("--prices", help="Price table YAML (default: $METERING_PRICE_TABLE, else the bundled table)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+UserArgument = Annotated[str, typer.Argument(help="The user's name or id.", show_default=False)]
+
+db_app = typer.Typer(help="The ledger's database: create or upgrade its schema.", no_args_is_help=True)
+user_app = typer.Typer(help="Create, show and list users.", no_args_is_help=True)
+key_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+redeem_app = typer.Typer(help="Create and use single-use redemption codes.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ledger commands to the main ``metering`` app."""
+    app.add_typer(db_app, name="db")
+    app.add_typer(user_app, name="user")
+    app.add_typer(key_app, name="key")
+    app.command("topup")(topup)
+    app.command("grant")(grant)
+    app.add_typer(redeem_app, name="redeem")
+    app.command("balance")(balance)
+    app.command("audit")(audit)
+
+
+# ---------------------------------------------------------------------- plumbing
+
+
+def _fail(message: str) -> NoReturn:
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _message(exc: Exception) -> str:
+    """What to tell the operator: our errors as they are, a database's error by its driver's first line."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+        return f"database: {first}"
+    if isinstance(exc, SQLAlchemyError):
+        return f"database: {str(exc).splitlines()[0]}"
+    return str(exc)
+
+
+def _handled() -> tuple[type[Exception], ...]:
+    """The errors a command reports as ``error: ...`` (exit 2); imported late, so other commands stay fast."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from metering.ledger.schema import SchemaError
+
+    return (BillingError, ValueError, SchemaError, SQLAlchemyError)
+
+
+def _with_meter(db: str | None, prices: Path | None, work: Callable[[Any], T]) -> T:
+    """Open the ledger (schema brought to head), run ``work(meter)``, close; every known error exits 2."""
+    from metering.ledger import Meter
+    from metering.ledger.database import database_url
+    from pricing.table import load_price_table
+
+    handled = _handled()
+    try:
+        meter = Meter.open(database_url(db), prices=load_price_table(prices))
+    except handled as exc:
+        _fail(_message(exc))
+    try:
+        return work(meter)
+    except handled as exc:
+        _fail(_message(exc))
+    finally:
+        meter.close()
+
+
+def _shown_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        return "<invalid URL>"
+
+
+def _emit(payload: Any) -> None:
+    print(json.dumps(payload, ensure_ascii=False))
+
+
+def _user_id(meter: Any, user: str) -> int:
+    return meter.find_user(user)
+
+
+def _usd(meter: Any, units: int) -> str:
+    """Quota units as list-price USD: exact when the units per USD allow it (500,000 does), else 12 places."""
+    value = Fraction(units, meter.prices.units_per_usd)
+    denominator = value.denominator
+    for factor in (2, 5):
+        while denominator % factor == 0:
+            denominator //= factor
+    if denominator == 1:
+        return decimal_text(value)
+    return str((Decimal(value.numerator) / Decimal(value.denominator)).quantize(Decimal("1e-12")))
+
+
+def _wide() -> Console:
+    """The terminal as it is; a pipe gets room for the tables (rich would give it 80 columns)."""
+    return stdout if stdout.is_terminal else Console(width=200)
+
+
+# ---------------------------------------------------------------------- db
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Create the schema or upgrade it to the newest migration (safe to run anywhere, any time)."""
+    from metering.ledger.database import database_url, make_engine
+    from metering.ledger.schema import head_revision, upgrade
+
+    url = database_url(db)
+    try:
+        engine = make_engine(url)
+        try:
+            revision = upgrade(engine)
+        finally:
+            engine.dispose()
+    except _handled() as exc:
+        _fail(_message(exc))
+    if as_json:
+        _emit({"database": _shown_url(url), "revision": revision, "head": head_revision()})
+        return
+    print(f"ok: {_shown_url(url)} is at revision {revision} (head)")
+
+
+# ---------------------------------------------------------------------- users
+
+
+@user_app.command("create")
+def user_create(
+    name: Annotated[str, typer.Argument(help="A unique name (not only digits: USER arguments read digits as an id).")],
+    group: Annotated[str, typer.Option("--group", help="Pricing group of the price table.")] = "default",
+    db: DbOption = None,
+    prices: PricesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a user with a zero balance."""
+    from sqlalchemy.exc import IntegrityError
+
+    if not name.strip() or name != name.strip():
+        _fail("a user name must not be empty or start or end with spaces")
+    if name.isdigit():
+        _fail(f"a user name cannot be only digits ({name!r}): USER arguments take digits as a user id")
+
+    def work(meter: Any) -> dict[str, Any]:
+        try:
+            meter.find_user(name)
+        except BillingError:
+            pass
+        else:
+            _fail(f"user {name!r} already exists")
+        try:
+            return meter.user(meter.create_user(name, group=group))
+        except IntegrityError:
+            _fail(f"user {name!r} already exists")
+
+    created = _with_meter(db, prices, work)
+    if as_json:
+        _emit(created)
+        return
+    print(f"created user {created['id']} {created['name']} (group {created['group']})")
+
+
+@user_app.command("show")
+def user_show(user: UserArgument, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """A user: id, name, group, balance and keys (never their secrets)."""
+
+    def work(meter: Any) -> dict[str, Any]:
+        uid = _user_id(meter, user)
+        return meter.user(uid) | {"usd": _usd(meter, meter.balance(uid)), "keys": _keys(meter, uid)}
+
+    shown = _with_meter(db, None, work)
+    if as_json:
+        _emit(shown)
+        return
+    print(f"user {shown['id']} {shown['name']}: group {shown['group']}, balance {shown['balance']} units (${shown['usd']})")
+    for key in shown["keys"]:
+        print(f"  key {key['id']} {key['name']} {key['prefix']} {key['status']}, {_limit_text(key)}")
+
+
+@user_app.command("list")
+def user_list(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Every user, by id."""
+    users = _with_meter(db, None, lambda meter: meter.users())
+    if as_json:
+        _emit(users)
+        return
+    table = Table("id", "name", "group", "balance")
+    for row in users:
+        table.add_row(str(row["id"]), row["name"], row["group"], str(row["balance"]))
+    _wide().print(table)
+
+
+# ---------------------------------------------------------------------- keys
+
+
+def _keys(meter: Any, user_id: int | None) -> list[dict[str, Any]]:
+    """The meter's key rows plus ``charged_quota``: quota charged through the key (from usage events)."""
+    from sqlalchemy import func, select
+
+    from metering.ledger.tables import UsageEvent
+
+    events = UsageEvent.__table__  # type: ignore[attr-defined]
+    with meter.engine.connect() as connection:
+        charged = dict(
+            connection.execute(
+                select(events.c.key_id, func.sum(events.c.quota)).where(events.c.status == "charged").group_by(events.c.key_id)
+            ).all()
+        )
+    return [key | {"charged_quota": int(charged.get(key["id"], 0))} for key in meter.keys(user_id)]
+
+
+def _limit_text(key: dict[str, Any]) -> str:
+    if key["limit_quota"] is None:
+        return f"unlimited, {key['charged_quota']} charged"
+    return f"limit {key['limit_quota']}, used {key['used_quota']}, reserved {key['reserved_quota']}"
+
+
+def _expiry(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"--expires: not an ISO 8601 time: {text!r}")
+    if moment.tzinfo is None:
+        _fail(f"--expires: {text!r} has no time zone (add Z or +08:00)")
+    if moment <= datetime.now(timezone.utc):
+        _fail(f"--expires: {text!r} is in the past")
+    return moment
+
+
+def _model_list(text: str) -> list[str]:
+    from metering.models import resolve_model
+
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    if not models:
+        _fail("--models: give at least one model, e.g. --models gpt-4o,claude-sonnet-4-5")
+    for model in models:
+        try:
+            resolve_model(model)
+        except BillingError as exc:
+            _fail(f"--models: {exc}")
+    return models
+
+
+@key_app.command("create")
+def key_create(
+    user: UserArgument,
+    name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "default",
+    limit_quota: Annotated[
+        Optional[int], typer.Option("--limit-quota", min=0, help="Most quota units the key may spend (default: unlimited).")
+    ] = None,
+    unlimited: Annotated[bool, typer.Option("--unlimited", help="No limit of its own (the default): only the balance.")] = False,
+    models: Annotated[Optional[str], typer.Option("--models", help="Allowed models, comma-separated (default: all).")] = None,
+    expires: Annotated[Optional[str], typer.Option("--expires", help="Expiry, ISO 8601 with a time zone.")] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create an API key and print its secret, this once (only its sha256 is stored)."""
+    from sqlalchemy import select
+
+    from metering.ledger.meter import secret_hash
+    from metering.ledger.tables import ApiKey
+
+    if unlimited and limit_quota is not None:
+        _fail("give either --limit-quota N or --unlimited, not both")
+    allowed = _model_list(models) if models is not None else None
+    expires_at = _expiry(expires) if expires is not None else None
+
+    def work(meter: Any) -> tuple[str, dict[str, Any]]:
+        uid = _user_id(meter, user)
+        secret = meter.create_key(uid, name, limit_quota=limit_quota, models=allowed, expires_at=expires_at)
+        keys = ApiKey.__table__  # type: ignore[attr-defined]
+        with meter.engine.connect() as connection:
+            key_id = connection.execute(select(keys.c.id).where(keys.c.secret_hash == secret_hash(secret))).scalar_one()
+        (row,) = [k for k in _keys(meter, uid) if k["id"] == key_id]
+        return secret, row
+
+    secret, row = _with_meter(db, None, work)
+    if as_json:
+        _emit(row | {"secret": secret, "warning": f"the secret is {SECRET_WARNING}"})
+        return
+    print(f"created key {row['id']} {row['name']} for user {row['user_id']} ({_limit_text(row)})")
+    print(secret)
+    stderr.print(f"warning: the secret above is {SECRET_WARNING}", highlight=False, soft_wrap=True, markup=False)
+
+
+@key_app.command("list")
+def key_list(
+    user: Annotated[Optional[str], typer.Argument(help="Only this user's keys (name or id).")] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """API keys (prefix only, never the secret), with limits and usage."""
+    rows = _with_meter(db, None, lambda meter: _keys(meter, None if user is None else _user_id(meter, user)))
+    if as_json:
+        _emit(rows)
+        return
+    table = Table("id", "user", "name", "prefix", "status", "limit", "used", "reserved", "charged", "models", "expires")
+    for row in rows:
+        table.add_row(
+            str(row["id"]), str(row["user_id"]), row["name"], row["prefix"], row["status"],
+            "unlimited" if row["limit_quota"] is None else str(row["limit_quota"]), str(row["used_quota"]),
+            str(row["reserved_quota"]), str(row["charged_quota"]), "all" if row["models"] is None else ",".join(row["models"]),
+            row["expires_at"] or "never",
+        )
+    _wide().print(table)
+
+
+@key_app.command("revoke")
+def key_revoke(
+    key_id: Annotated[int, typer.Argument(help="The key's id (see key list).")],
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Disable a key for good (its open holds still settle); revoking twice is not an error."""
+    from metering.ledger.errors import NotFound
+
+    def work(meter: Any) -> bool:
+        if not any(k["id"] == key_id for k in meter.keys()):
+            raise NotFound(f"no API key {key_id}")
+        return bool(meter.revoke_key(key_id))
+
+    changed = _with_meter(db, None, work)
+    if as_json:
+        _emit({"id": key_id, "status": "revoked", "changed": changed})
+        return
+    print(f"revoked key {key_id}" if changed else f"key {key_id} was already revoked")
+
+
+# ---------------------------------------------------------------------- credits
+
+
+def topup(
+    user: UserArgument,
+    amount: Annotated[str, typer.Option("--amount", help="Amount paid, e.g. 10 or 99.90.")],
+    currency: Annotated[str, typer.Option("--currency", help="CNY, USDT or USD.")],
+    reference: Annotated[str, typer.Option("--reference", help="The payment's id: a retry with it credits once.")],
+    db: DbOption = None,
+    prices: PricesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Credit a paid top-up at the recharge rate in force, once per --reference."""
+    if not reference.strip():
+        _fail("--reference must not be empty")
+
+    def work(meter: Any) -> dict[str, Any]:
+        uid = _user_id(meter, user)
+        try:
+            units = meter.topup(uid, amount, currency.upper(), reference)
+        except ArithmeticError:
+            _fail(f"--amount must be a positive decimal number, got {amount!r}")
+        return {"user_id": uid, "reference": reference, "amount": amount, "currency": currency.upper(),
+                "quota": units, "balance": meter.balance(uid)}
+
+    result = _with_meter(db, prices, work)
+    if as_json:
+        _emit(result)
+        return
+    print(f"top-up {reference}: {result['quota']} units to user {result['user_id']}; balance {result['balance']}")
+
+
+def grant(
+    user: UserArgument,
+    kind: Annotated[str, typer.Argument(help="A grant of the price table, e.g. signup.")],
+    db: DbOption = None,
+    prices: PricesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Give the price table's grant KIND, once per user (0 units the second time)."""
+
+    def work(meter: Any) -> dict[str, Any]:
+        uid = _user_id(meter, user)
+        units = meter.grant(uid, kind)
+        return {"user_id": uid, "kind": kind, "quota": units, "granted": units > 0, "balance": meter.balance(uid)}
+
+    result = _with_meter(db, prices, work)
+    if as_json:
+        _emit(result)
+        return
+    if result["granted"]:
+        print(f"granted {kind}: {result['quota']} units to user {result['user_id']}; balance {result['balance']}")
+    else:
+        print(f"user {result['user_id']} already had the {kind} grant; balance {result['balance']}")
+
+
+@redeem_app.command("create")
+def redeem_create(
+    count: Annotated[int, typer.Option("--count", min=1, max=100_000, help="How many codes.")],
+    quota: Annotated[int, typer.Option("--quota", min=1, help="Quota units each code is worth.")],
+    batch: Annotated[Optional[str], typer.Option("--batch", help="A label for the batch (default: time + random).")] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create single-use codes and print them, this once (only their sha256 is stored)."""
+    import secrets
+
+    label = batch or datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
+    if len(label) > 64:
+        _fail("--batch must be at most 64 characters")
+    codes = _with_meter(db, None, lambda meter: meter.create_redemption_codes(count, quota, batch=label))
+    if as_json:
+        _emit({"batch": label, "count": len(codes), "quota": quota, "codes": codes,
+               "warning": f"the codes are {SECRET_WARNING}"})
+        return
+    print(f"batch {label}: {len(codes)} codes of {quota} units")
+    for code in codes:
+        print(code)
+    stderr.print(f"warning: the codes above are {SECRET_WARNING}", highlight=False, soft_wrap=True, markup=False)
+
+
+@redeem_app.command("use")
+def redeem_use(
+    user: UserArgument,
+    code: Annotated[str, typer.Argument(help="The code, or - to read it from stdin (keeps it out of ps).")],
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Redeem a code for USER: credited once, under any concurrency; a used code is refused."""
+    if code == "-":
+        code = sys.stdin.readline().strip()
+
+    def work(meter: Any) -> dict[str, Any]:
+        uid = _user_id(meter, user)
+        units = meter.redeem(uid, code)
+        return {"user_id": uid, "quota": units, "balance": meter.balance(uid)}
+
+    result = _with_meter(db, None, work)
+    if as_json:
+        _emit(result)
+        return
+    print(f"redeemed {result['quota']} units for user {result['user_id']}; balance {result['balance']}")
+
+
+# ---------------------------------------------------------------------- reading
+
+
+def balance(user: UserArgument, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """A user's balance in quota units (open holds already taken out), and its list-price USD."""
+
+    def work(meter: Any) -> dict[str, Any]:
+        row = meter.user(_user_id(meter, user))
+        return {"user_id": row["id"], "name": row["name"], "balance": row["balance"], "usd": _usd(meter, row["balance"])}
+
+    result = _with_meter(db, None, work)
+    if as_json:
+        _emit(result)
+        return
+    print(f"{result['name']} ({result['user_id']}): {result['balance']} units (${result['usd']})")
+
+
+def audit(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Check every invariant of docs/ledger.md: exit 0 and "ok", or exit 1 and each violation."""
+    report = _with_meter(db, None, lambda meter: meter.audit())
+    violations = [{"invariant": v.invariant, "subject": v.subject, "detail": v.detail} for v in report.violations]
+    if as_json:
+        _emit({"ok": report.ok, "violations": violations})
+    elif report.ok:
+        print("ok")
+    else:
+        print(f"{len(violations)} violation{'s' if len(violations) != 1 else ''}:")
+        for v in violations:
+            print(f"  {v['invariant']}: {v['subject']}: {v['detail']}")
+    if not report.ok:
+        raise typer.Exit(EXIT_VIOLATIONS)
+
+
+__all__ = ["db_app", "key_app", "redeem_app", "register", "user_app"]

@@ -1,0 +1,1 @@
+"""Alembic migrations of the ledger's schema; run them with ``metering.ledger.schema.upgrade(engine)``."""
