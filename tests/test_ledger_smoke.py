@@ -36,3 +36,16 @@ def test_the_basic_flow(ledger_url: str) -> None:
             raise AssertionError("an empty balance must refuse")
     finally:
         meter.close()
+
+
+def test_a_cut_stream_without_usage_bills_the_holds_prompt_count(tmp_path) -> None:
+    meter = Meter.open(f"sqlite:///{tmp_path}/l.db")
+    uid = meter.create_user("alice")
+    meter.topup(uid, "1", "USD", "o-1")
+    hold = meter.authorize(meter.create_key(uid, "k"), BODY, "req-1")
+    accumulator = meter.accumulator(hold)
+    accumulator.feed(b'data: {"choices": [{"index": 0, "delta": {"content": "Hello"}}]}\n\n')  # then the stream is cut
+    receipt = meter.settle(hold, stream=accumulator)
+    # input: the hold's 8 prompt tokens; output: "Hello" = 1 token (o200k). gpt-4o: (8 x 2.5 + 1 x 10) / 1M = $0.00003 = 15 units
+    assert (receipt.outcome, receipt.quota, receipt.source) == ("aborted", 15, "local")
+    meter.close()

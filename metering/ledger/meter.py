@@ -553,6 +553,11 @@ class Meter:
 
     # ------------------------------------------------------------------ settlement
 
+    @staticmethod
+    def accumulator(hold: HoldTicket) -> StreamAccumulator:
+        """A stream accumulator for ``hold``'s request that knows its prompt count (for cut streams)."""
+        return StreamAccumulator(hold.model, prompt=_prompt_of(hold))
+
     def settle(
         self, hold: HoldTicket, *, response: dict[str, Any] | None = None, usage: UsageRecord | None = None,
         stream: StreamAccumulator | StreamResult | None = None,
