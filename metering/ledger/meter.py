@@ -73,6 +73,14 @@ def _aware(moment: datetime) -> datetime:
     return moment.replace(tzinfo=timezone.utc)
 
 
+def _identifier(value: str, field: str) -> str:
+    """A request id, reference or name: non-empty, and no spaces around it (MariaDB's collations compare
+    'a' and 'a ' as equal: refusing them keeps every database's idea of "the same id" identical)."""
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise ValueError(f"{field} must be a non-empty string without leading or trailing spaces, got {value!r}")
+    return value
+
+
 def secret_hash(secret: str) -> str:
     """sha256 of a secret (keys and codes are 256-bit random: no slow hash is needed)."""
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -221,7 +229,8 @@ class Meter:
     def create_user(self, name: str, group: str = "default") -> int:
         """Create a user in ``group`` (a group of the price table) with a zero balance; returns its id."""
         self.prices.group_multiplier(group)  # an unknown group is refused here, not at the first request
-        if not name or name.isdigit():
+        _identifier(name, "name")
+        if name.isdigit():
             raise ValueError(f"a user name must be non-empty and not only digits (digits name a user id): {name!r}")
         try:
             with self._transaction() as connection:
@@ -351,6 +360,7 @@ class Meter:
         self, user_id: int, amount: str | Decimal | int, currency: str, reference: str, at: datetime | None = None
     ) -> int:
         """Credit a paid top-up at the recharge rate in force; once per external ``reference``. Returns units."""
+        _identifier(reference, "reference")
         moment = at or datetime.now(timezone.utc)
         quote = quote_topup(self.prices, amount, currency, moment)
         self.user(user_id)  # NotFound, not a raw foreign-key IntegrityError
@@ -378,6 +388,7 @@ class Meter:
 
     def adjust(self, user_id: int, amount: int, reference: str, note: str) -> bool:
         """Post an adjustment entry once per ``reference``; False when it was posted before."""
+        _identifier(reference, "reference")
         self.user(user_id)  # NotFound, not a foreign-key error swallowed as "posted before"
 
         def work(connection: Connection) -> bool:
@@ -452,6 +463,7 @@ class Meter:
 
         Retrying with the same ``request_id`` returns the hold already taken, never a second one.
         """
+        _identifier(request_id, "request_id")
         model = model or request_body.get("model")
         if not isinstance(model, str):
             raise KeyRejected("the request names no model", http_status=400, code="model_required")
@@ -621,6 +633,7 @@ class Meter:
         self, secret: str, request_id: str, usage: UsageRecord, *, at: datetime | None = None, outcome: str = "completed"
     ) -> Receipt:
         """Deferred mode: record a usage event without a hold; ``fold_deferred`` charges it later."""
+        _identifier(request_id, "request_id")
         moment = at or datetime.now(timezone.utc)
         with self.engine.connect() as connection:
             key = self._key(connection, secret, usage.model)
