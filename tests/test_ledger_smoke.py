@@ -49,3 +49,20 @@ def test_a_cut_stream_without_usage_bills_the_holds_prompt_count(tmp_path) -> No
     # input: the hold's 8 prompt tokens; output: "Hello" = 1 token (o200k). gpt-4o: (8 x 2.5 + 1 x 10) / 1M = $0.00003 = 15 units
     assert (receipt.outcome, receipt.quota, receipt.source) == ("aborted", 15, "local")
     meter.close()
+
+
+def test_sqlite_on_a_network_filesystem_is_refused(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from metering.ledger import UnsafeDatabase, database
+
+    monkeypatch.setattr(database, "filesystem_type", lambda path: "nfs4")  # as /proc/mounts would say on NFS
+    with pytest.raises(UnsafeDatabase, match="network filesystem"):
+        Meter.open(f"sqlite:///{tmp_path}/ledger.db")
+
+
+def test_the_filesystem_of_a_local_directory_is_read_from_proc_mounts(tmp_path) -> None:
+    from metering.ledger.database import NETWORK_FILESYSTEMS, filesystem_type
+
+    kind = filesystem_type(tmp_path)
+    assert kind is None or (isinstance(kind, str) and kind not in NETWORK_FILESYSTEMS)
