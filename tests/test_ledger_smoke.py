@@ -61,8 +61,12 @@ def test_sqlite_on_a_network_filesystem_is_refused(tmp_path, monkeypatch) -> Non
         Meter.open(f"sqlite:///{tmp_path}/ledger.db")
 
 
-def test_the_filesystem_of_a_local_directory_is_read_from_proc_mounts(tmp_path) -> None:
-    from metering.ledger.database import NETWORK_FILESYSTEMS, filesystem_type
+def test_the_longest_mount_point_decides_the_filesystem() -> None:
+    from pathlib import Path
 
-    kind = filesystem_type(tmp_path)
-    assert kind is None or (isinstance(kind, str) and kind not in NETWORK_FILESYSTEMS)
+    from metering.ledger.database import filesystem_type
+
+    mounts = "/dev/sda1 / ext4 rw 0 0\nfiler:/export /srv/data nfs4 rw 0 0\nfiler:/x /srv/data/local\\040dir ext4 rw 0 0\n"
+    assert filesystem_type(Path("/srv/data/ledger"), mounts) == "nfs4"
+    assert filesystem_type(Path("/srv/data/local dir/ledger"), mounts) == "ext4"  # \040 is a space in /proc/mounts
+    assert filesystem_type(Path("/srv/database"), mounts) == "ext4"  # a prefix of the name is not a parent

@@ -37,12 +37,14 @@ def normalize_url(url: str) -> str:
     return parsed.set(drivername=driver).render_as_string(hide_password=False) if driver else url
 
 
-def filesystem_type(path: Path) -> str | None:
+def filesystem_type(path: Path, mounts_text: str | None = None) -> str | None:
     """The filesystem type holding ``path`` according to /proc/mounts (None where there is none)."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
+    if mounts_text is None:
+        try:
+            mounts_text = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    mounts = mounts_text.splitlines()
     target = str(path.resolve())
     best, kind = "", None
     for line in mounts:
