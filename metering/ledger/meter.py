@@ -38,7 +38,7 @@ from metering.ledger.tables import ApiKey, GrantRecord, Hold, LedgerEntry, Redem
 from metering.models import resolve_model
 from metering.prompt_count import PromptCount
 from metering.streams import StreamAccumulator, StreamResult
-from pricing.quote import decimal_text, price
+from pricing.quote import decimal_text, price, quota
 from pricing.recharge import grant_quota, quote_topup
 from pricing.table import PriceTable, load_price_table
 from pricing.usage import UsageRecord, UsageSource
@@ -453,7 +453,7 @@ class Meter:
         requested = body.get("max_completion_tokens") or body.get("max_tokens")
         max_output = requested if isinstance(requested, int) and requested > 0 else version.max_output_tokens
         usage = UsageRecord(provider=entry.provider, model=model, input_tokens=prompt.prompt_tokens, output_tokens=max_output)
-        return price(self.prices, usage, at, group).quota, prompt
+        return quota(self.prices, usage, at.timestamp(), group), prompt  # the integer hot path: no exact result needed
 
     def authorize(
         self, secret: str, request_body: dict[str, Any], request_id: str, *, model: str | None = None,
