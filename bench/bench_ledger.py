@@ -42,7 +42,8 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,13 @@ import psycopg
 from sqlalchemy import create_engine, text
 
 from metering.ledger.database import SQLITE_BUSY_TIMEOUT_MS, normalize_url
-from metering.ledger.meter import Meter, _event_values, _payload_hash, secret_hash, utcnow
+from metering.ledger.meter import (
+    Meter,
+    _event_values,
+    _payload_hash,
+    secret_hash,
+    utcnow,
+)
 from pricing.quote import price
 from pricing.usage import UsageRecord
 
@@ -206,7 +213,7 @@ def worker(pipe: Any, kind: str, url: str, plan: dict[str, Any], wid: int, extra
         while (msg := pipe.recv()) is not None:
             candidate, variant, tag, start_at, stop_at = msg
             secret, meter = plan["secrets"][candidate][variant], meters.get(candidate)
-            call = (lambda rid: floor.request(secret, rid)) if meter is None else (lambda rid: ledger_request(meter, secret, rid))
+            call = partial(floor.request, secret) if meter is None else partial(ledger_request, meter, secret)
             time.sleep(max(0.0, start_at - time.monotonic()))
             n = 0
             while time.monotonic() < stop_at:
@@ -230,7 +237,7 @@ def setup(url: str, candidates: Sequence[str]) -> dict[str, Any]:
             plan["users"][candidate] = uid
             plan["secrets"][candidate] = {"unlimited": meter.create_key(uid, "unlimited"),
                                           "limited": meter.create_key(uid, "limited", limit_quota=10**14)}
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         amount, prompt = meter.estimate(BODY, "gpt-4o", "default", now)
         priced = price(meter.prices, USAGE, now, "default")
         event = _event_values("", 0, 0, "gpt-4o", "default", USAGE, "completed", priced, _payload_hash(USAGE, "completed"), now)
