@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.wheel import build_wheel
 from pricing.errors import PriceTableError
 from pricing.table import load_price_table, parse_price_table
 
@@ -140,17 +140,7 @@ def test_the_environment_variable_overrides_the_bundled_table(tmp_path: Path) ->
 
 def test_an_installed_wheel_finds_its_table_from_another_directory(tmp_path: Path) -> None:
     """The wheel ships the table (the symlink's content), and the installed package loads it from anywhere."""
-    source = tmp_path / "src"
-    source.mkdir()
-    for item in ("pyproject.toml", "README.md", "metering", "pricing", "workers", "data"):
-        copy = shutil.copytree if (ROOT / item).is_dir() else shutil.copy2
-        copy(ROOT / item, source / item, **({"symlinks": True} if copy is shutil.copytree else {}))
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
-        capture_output=True, text=True,
-    )
-    assert build.returncode == 0, build.stderr
-    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    wheel = build_wheel(tmp_path)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     assert (site / "pricing" / "price_table.yaml").read_bytes() == (ROOT / "data" / "price_table.yaml").read_bytes()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from sqlmodel import SQLModel
 from metering import Meter
 from metering.ledger import schema
 from metering.ledger.database import make_engine
+from tests.wheel import build_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"users", "api_keys", "holds", "usage_events", "ledger_entries", "topup_orders", "grants", "redemption_codes"}
@@ -323,19 +323,7 @@ def test_meter_open_migrates_a_new_database(tmp_path: Path) -> None:
 
 
 def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> None:
-    source = tmp_path / "src"
-    source.mkdir()
-    for item in ("pyproject.toml", "README.md", "metering", "pricing", "workers", "data"):
-        if not (ROOT / item).exists():
-            continue
-        copy = shutil.copytree if (ROOT / item).is_dir() else shutil.copy2
-        copy(ROOT / item, source / item, **({"symlinks": True} if copy is shutil.copytree else {}))
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
-        capture_output=True, text=True,
-    )
-    assert build.returncode == 0, build.stderr
-    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     for shipped in ("env.py", "script.py.mako", "versions/0001_initial.py"):
         assert f"metering/ledger/migrations/{shipped}" in names
