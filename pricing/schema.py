@@ -84,6 +84,13 @@ class Grant(_Strict):
     once_per_user: StrictBool = True
 
 
+class Channel(_Strict):
+    """An upstream channel's cost: what the reseller pays upstream, as a share of the list price."""
+
+    cost_ratio: Positive  # 0.3 = the channel costs 30% of list price
+    note: Name | None = None
+
+
 class Quota(_Strict):
     """Quota units: the integer currency of the ledger."""
 
@@ -100,4 +107,5 @@ class PriceTableFile(_Strict):
     reference_rates: list[ReferenceRate] = []
     recharge_rates: list[RechargeRate] = []
     grants: dict[Name, Grant] = {}
+    channels: dict[Name, Channel] = {}
     models: dict[Name, ModelPrices]

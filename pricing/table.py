@@ -27,7 +27,7 @@ from typing import NamedTuple
 from pydantic import ValidationError
 
 from pricing.errors import PriceNotFound, PriceTableError, Problem, UnknownModel
-from pricing.schema import Grant, LongContextTier, PriceTableFile, PriceVersion, RechargeRate, ReferenceRate
+from pricing.schema import Channel, Grant, LongContextTier, PriceTableFile, PriceVersion, RechargeRate, ReferenceRate
 from pricing.yaml_source import YamlDocument, load_yaml
 
 #: Environment variable naming the price table to use instead of the bundled one.
@@ -129,6 +129,11 @@ class PriceTable:
     def grants(self) -> dict[str, Grant]:
         """Grants by kind."""
         return self.file.grants
+
+    @property
+    def channels(self) -> dict[str, Channel]:
+        """Upstream channels whose cost is configured, by name."""
+        return self.file.channels
 
 
 def default_price_table_path() -> Path:

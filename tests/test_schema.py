@@ -13,6 +13,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlmodel import SQLModel
 
@@ -22,7 +23,8 @@ from metering.ledger.database import make_engine
 from tests.wheel import build_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = {"users", "api_keys", "holds", "usage_events", "ledger_entries", "topup_orders", "grants", "redemption_codes"}
+TABLES = {"users", "api_keys", "holds", "usage_events", "ledger_entries", "topup_orders", "grants", "redemption_codes",
+          "day_closes", "daily_rollups", "discrepancies"}
 
 #: A process that gets ready (imports, engine, first connection), says so, waits for "go", then upgrades.
 UPGRADER = """
@@ -79,26 +81,45 @@ def _upgraders(url: str, tmp_path: Path, count: int) -> list[subprocess.Popen[st
     return processes
 
 
-def test_head_is_the_first_revision_and_runs_without_an_ini() -> None:
-    assert schema.head_revision() == "0001"
+def test_the_revisions_form_one_chain_and_run_without_an_ini() -> None:
+    scripts = ScriptDirectory.from_config(schema.alembic_config())
+    chain = [script.revision for script in scripts.walk_revisions()]
+    assert chain == ["0002", "0001"] and schema.head_revision() == "0002"
     assert not (ROOT / "alembic.ini").exists()  # the Config is built in code
     assert (schema.MIGRATIONS / "env.py").is_file()
     assert (schema.MIGRATIONS / "versions" / "0001_initial.py").is_file()
+
+
+def test_upgrading_a_0001_database_keeps_its_rows_and_adds_the_worker_tables(ledger_url: str) -> None:
+    engine = _engine(ledger_url)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(schema.alembic_config(connection), "0001")
+            connection.execute(text("INSERT INTO users (name, price_group, balance, created_at) "
+                                    "VALUES ('old', 'default', 7, '2026-01-01 00:00:00')"))
+        assert schema.upgrade(engine) == "0002"
+        assert {"day_closes", "daily_rollups", "discrepancies"} <= set(inspect(engine).get_table_names())
+        assert "channel" in {c["name"] for c in inspect(engine).get_columns("holds")}
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT balance FROM users WHERE name = 'old'")).scalar() == 7
+        assert _differences(engine) == []
+    finally:
+        engine.dispose()
 
 
 def test_upgrade_creates_the_tables_and_a_second_upgrade_is_a_no_op(ledger_url: str) -> None:
     engine = _engine(ledger_url)
     try:
         assert schema.current_revision(engine) is None
-        assert schema.upgrade(engine) == "0001"
+        assert schema.upgrade(engine) == schema.head_revision()
         assert set(inspect(engine).get_table_names()) == TABLES | {"alembic_version"}
         statements: list[str] = []
         event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
-        assert schema.upgrade(engine) == "0001"
+        assert schema.upgrade(engine) == schema.head_revision()
         changes = [s for s in statements if s.split()[0].upper() in ("CREATE", "ALTER", "DROP", "INSERT", "UPDATE", "DELETE")]
         assert changes == [], changes
-        assert _versions(engine) == ["0001"]
-        assert schema.current_revision(engine) == "0001"
+        assert _versions(engine) == [schema.head_revision()]
+        assert schema.current_revision(engine) == schema.head_revision()
     finally:
         engine.dispose()
 
@@ -206,10 +227,10 @@ def test_concurrent_upgrades_from_three_processes(ledger_url: str, tmp_path: Pat
     results = [p.communicate(timeout=120) for p in processes]
     for process, (out, err) in zip(processes, results):
         assert process.returncode == 0, err
-        assert out.strip() == "0001"
+        assert out.strip() == schema.head_revision()
     engine = _engine(ledger_url)
     try:
-        assert _versions(engine) == ["0001"]
+        assert _versions(engine) == [schema.head_revision()]
         assert _differences(engine) == []
     finally:
         engine.dispose()
@@ -253,7 +274,7 @@ def test_upgrade_waits_for_the_schema_lock(schema_lock, tmp_path: Path) -> None:
     release()
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
-    assert out.strip() == "0001"
+    assert out.strip() == schema.head_revision()
 
 
 def test_downgrade_to_base_drops_everything_and_upgrade_rebuilds_it(ledger_url: str) -> None:
@@ -263,7 +284,7 @@ def test_downgrade_to_base_drops_everything_and_upgrade_rebuilds_it(ledger_url: 
         with engine.begin() as connection:
             command.downgrade(schema.alembic_config(connection), "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
-        assert schema.upgrade(engine) == "0001" and _differences(engine) == []
+        assert schema.upgrade(engine) == schema.head_revision() and _differences(engine) == []
     finally:
         engine.dispose()
 
@@ -271,12 +292,16 @@ def test_downgrade_to_base_drops_everything_and_upgrade_rebuilds_it(ledger_url: 
 def test_a_database_made_by_create_all_is_adopted_with_its_data(ledger_url: str) -> None:
     engine = _engine(ledger_url)
     try:
-        SQLModel.metadata.create_all(engine)  # what schema.upgrade did before the migrations
+        # What schema.upgrade did before the migrations: create_all of the tables of that time, which the
+        # first revision reproduces exactly (its docstring); then no version table.
         with engine.begin() as connection:
+            command.upgrade(schema.alembic_config(connection), schema.BASELINE)
+            connection.execute(text("DROP TABLE alembic_version"))
             connection.execute(text("INSERT INTO users (name, price_group, balance, created_at) "
                                     "VALUES ('old', 'default', 7, '2026-01-01 00:00:00')"))
-        assert schema.upgrade(engine) == "0001"
-        assert _versions(engine) == ["0001"]
+        assert schema.upgrade(engine) == schema.head_revision()
+        assert _versions(engine) == [schema.head_revision()]
+        assert _differences(engine) == []
         with engine.connect() as connection:
             assert connection.execute(text("SELECT balance FROM users WHERE name = 'old'")).scalar() == 7
     finally:
@@ -300,7 +325,7 @@ def test_a_plain_sqlite_engine_is_migrated_under_the_write_lock(tmp_path: Path) 
     statements: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
     try:
-        assert schema.upgrade(engine) == "0001"
+        assert schema.upgrade(engine) == schema.head_revision()
         assert statements[0] == "BEGIN IMMEDIATE"
         assert _differences(engine) == []
     finally:
@@ -311,7 +336,7 @@ def test_meter_open_migrates_a_new_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/meter.db"
     meter = Meter.open(url)
     try:
-        assert schema.current_revision(meter.engine) == "0001"
+        assert schema.current_revision(meter.engine) == schema.head_revision()
         meter.create_user("alice")
     finally:
         meter.close()
@@ -325,7 +350,7 @@ def test_meter_open_migrates_a_new_database(tmp_path: Path) -> None:
 def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> None:
     wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
-    for shipped in ("env.py", "script.py.mako", "versions/0001_initial.py"):
+    for shipped in ("env.py", "script.py.mako", "versions/0001_initial.py", "versions/0002_worker.py"):
         assert f"metering/ledger/migrations/{shipped}" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -337,4 +362,4 @@ def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> 
     out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     location, revision = out.stdout.split()
-    assert location.startswith(str(site)) and revision == "0001"
+    assert location.startswith(str(site)) and revision == schema.head_revision()

@@ -76,9 +76,10 @@ class Hold(SQLModel, table=True):
     prompt_source: str = Field(default="local", sa_column=Column(text(16), nullable=False))
     limited_key: bool = False  # whether the key's reserved counter holds this amount
     status: str = Field(default="open", sa_column=Column(text(16), nullable=False, index=True))
-    created_at: datetime = _time()  # the request's time: the usage is priced at it
+    created_at: datetime = _time(index=True)  # the request's time: the usage is priced at it
     expires_at: datetime = _time(index=True)
     resolved_at: datetime | None = _time(nullable=True)
+    channel: str | None = Field(default=None, sa_column=Column(text(64), nullable=True))  # upstream channel (0002)
 
 
 class UsageEvent(SQLModel, table=True):
@@ -109,6 +110,7 @@ class UsageEvent(SQLModel, table=True):
     payload_hash: str = Field(sa_column=Column(text(64), nullable=False))
     occurred_at: datetime = _time(index=True)
     created_at: datetime = _time()
+    channel: str | None = Field(default=None, sa_column=Column(text(64), nullable=True))  # upstream channel (0002)
 
 
 class LedgerEntry(SQLModel, table=True):
@@ -170,4 +172,81 @@ class RedemptionCode(SQLModel, table=True):
     quota: int = _quota()
     redeemed_by: int | None = Field(default=None, foreign_key="users.id")
     redeemed_at: datetime | None = _time(nullable=True)
+    created_at: datetime = _time()
+
+
+# ---------------------------------------------------------------------- the worker's tables (revision 0002)
+
+
+class DayClose(SQLModel, table=True):
+    """One business day's close: claimed with a lease and a fencing token, closed exactly once.
+
+    ``fence`` grows by one at every claim; the close's final transaction only commits while the row
+    still carries the fence it claimed with, so a worker whose lease lapsed cannot write.
+    ``watermark_event_id``: every usage event with an id up to it was committed when the close read it.
+    """
+
+    __tablename__ = "day_closes"
+    day: str = Field(sa_column=Column(text(10), primary_key=True))  # YYYY-MM-DD in the business time zone
+    status: str = Field(default="open", sa_column=Column(text(16), nullable=False))  # open | closing | closed
+    owner: str | None = Field(default=None, sa_column=Column(text(128), nullable=True))
+    lease_expires_at: datetime | None = _time(nullable=True)
+    fence: int = _quota()
+    time_zone: str = Field(sa_column=Column(text(64), nullable=False))
+    starts_at: datetime = _time()  # the day's bounds in UTC
+    ends_at: datetime = _time()
+    watermark_event_id: int | None = _quota(None, nullable=True)
+    closed_at: datetime | None = _time(nullable=True)
+    summary: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # JSON totals
+
+
+class DailyRollup(SQLModel, table=True):
+    """The closed day's totals per (day, user, key, model, channel, group); ``occurred_day`` differs from
+    ``day`` for late events (they belong to an already closed day and are counted on this one)."""
+
+    __tablename__ = "daily_rollups"
+    __table_args__ = (
+        UniqueConstraint("day", "occurred_day", "user_id", "key_id", "model", "channel", "price_group",
+                         name="uq_daily_rollups_group"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    day: str = Field(sa_column=Column(text(10), nullable=False, index=True))
+    occurred_day: str = Field(sa_column=Column(text(10), nullable=False))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    key_id: int = Field(foreign_key="api_keys.id")
+    model: str = Field(sa_column=Column(text(190), nullable=False))
+    channel: str = Field(default="", sa_column=Column(text(64), nullable=False))  # "" when none was named
+    price_group: str = Field(sa_column=Column(text(64), nullable=False))
+    requests: int = _quota()
+    succeeded: int = _quota()
+    failed: int = _quota()  # released holds: the upstream call failed, nothing billed
+    aborted: int = _quota()  # streams cut short (billed for what was delivered) and holds that expired unsettled
+    input_tokens: int = _quota()
+    cached_input_tokens: int = _quota()
+    cache_write_5m_tokens: int = _quota()
+    cache_write_1h_tokens: int = _quota()
+    output_tokens: int = _quota()
+    reasoning_tokens: int = _quota()
+    images: int = _quota()
+    web_search_requests: int = _quota()
+    quota: int = _quota()
+    usd: str = Field(sa_column=Column(text(64), nullable=False))  # exact decimal text: list value
+    revenue_cny: str = Field(sa_column=Column(text(64), nullable=False))  # at the rate the customer paid
+    upstream_cost_usd: str | None = Field(default=None, sa_column=Column(text(64), nullable=True))
+
+
+class Discrepancy(SQLModel, table=True):
+    """Something a close found: a price difference, a token difference, a broken invariant, a late event."""
+
+    __tablename__ = "discrepancies"
+    __table_args__ = (UniqueConstraint("day", "kind", "subject", name="uq_discrepancies_day_kind_subject"),)
+    id: int | None = Field(default=None, primary_key=True)
+    day: str = Field(sa_column=Column(text(10), nullable=False, index=True))
+    kind: str = Field(sa_column=Column(text(32), nullable=False))  # price | tokens | invariant | late_event
+    subject: str = Field(sa_column=Column(text(190), nullable=False))  # a request id, or the invariant's subject
+    user_id: int | None = Field(default=None, foreign_key="users.id")
+    expected: int | None = _quota(None, nullable=True)
+    actual: int | None = _quota(None, nullable=True)
+    detail: str = Field(sa_column=Column(Text, nullable=False))
+    adjustment_reference: str | None = Field(default=None, sa_column=Column(text(190), nullable=True))
     created_at: datetime = _time()
