@@ -9,13 +9,15 @@ Figures (see BENCHMARKS.md, "Ledger", for the target and the last figures seen):
    (psycopg 3), with 1, 4 and 8 worker processes, each with its own ``Meter.open(url)``.
 2. The floor: the same statements with the raw driver (sqlite3 with the same pragmas and ``BEGIN
    IMMEDIATE``; psycopg 3 in autocommit mode with ``conn.transaction()``), amounts precomputed (no token
-   counting, no pricing): the key SELECT and the hold SELECT (read, outside any write transaction), the
-   authorize transaction (conditional UPDATE of the balance [and the key's reserved counter], INSERT
-   hold, INSERT entry), then the settle transaction exactly as ``_charge`` runs it (lock the user row,
-   SELECT event, INSERT event, SELECT hold twice, lock the user row again, UPDATE hold, INSERT release
-   entry, UPDATE balance [, key], INSERT charge entry, UPDATE balance [, key]). The user-row lock is
-   ``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL, a plain SELECT on SQLite (as SQLAlchemy renders it).
-   Target: ledger >= 0.5x the floor, per database and concurrency.
+   counting, no pricing), in the Meter's order and transactions. Authorize: the key SELECT and the hold
+   SELECT by request id, outside any transaction on SQLite and inside the authorize transaction on
+   PostgreSQL (where the Meter's driver opens it with the first read), then the conditional UPDATE of the
+   balance [and of the key's reserved counter], INSERT hold, INSERT entry (hold). Settle, as ``_charge``
+   runs it: lock the user row, INSERT event (no SELECT of an earlier one: the unique request id refuses
+   it), SELECT the hold, conditional UPDATE of the hold, INSERT entry (release), INSERT entry (charge),
+   one UPDATE of the balance by both entries' sum [, one UPDATE of the key's reserved and used counters].
+   The user-row lock is ``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL, a plain SELECT on SQLite (as
+   SQLAlchemy renders it). Target: ledger >= 0.5x the floor, per database and concurrency.
 
 Ledger and floor alternate (ABBA over rounds) at every (database, variant, concurrency), each measurement
 ``--seconds`` long; a figure is the median over rounds. The ledger and the floor use their own users
@@ -76,32 +78,30 @@ USAGE = UsageRecord.from_openai("gpt-4o", {"prompt_tokens": 30, "completion_toke
 START_CNY, START_BALANCE = "2000000000", 10**15  # a top-up at the shipped 1 CNY = $1 promotion
 
 HOLD_COLS = ("id, request_id, user_id, key_id, model, price_group, amount, prompt_tokens, prompt_source, "
-             "limited_key, status, created_at, expires_at, resolved_at")
+             "limited_key, status, created_at, expires_at, resolved_at, channel")
 EVENT_COLS = ("request_id", "hold_id", "user_id", "key_id", "model", "price_group", "status", "outcome", "source",
-              "input_tokens", "cached_input_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "output_tokens",
-              "reasoning_tokens", "images", "web_search_requests", "quota", "usd", "price_version", "payload_hash",
-              "occurred_at", "created_at")
+              "channel", "input_tokens", "cached_input_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
+              "output_tokens", "reasoning_tokens", "images", "web_search_requests", "quota", "usd", "price_version",
+              "payload_hash", "occurred_at", "created_at")
 SQL = {
-    "key": "SELECT api_keys.id, api_keys.user_id, api_keys.name, api_keys.secret_hash, api_keys.display_prefix, "
-           "api_keys.status, api_keys.expires_at, api_keys.allowed_models, api_keys.limit_quota, api_keys.used_quota, "
-           "api_keys.reserved_quota, api_keys.created_at, users.price_group FROM api_keys JOIN users "
+    "key": "SELECT api_keys.id, api_keys.user_id, api_keys.status, api_keys.display_prefix, api_keys.expires_at, "
+           "api_keys.allowed_models, api_keys.limit_quota, users.price_group FROM api_keys JOIN users "
            "ON users.id = api_keys.user_id WHERE api_keys.secret_hash = %s",
     "hold_by_request": f"SELECT {HOLD_COLS} FROM holds WHERE request_id = %s",
     "take": "UPDATE users SET balance = balance - %s WHERE id = %s AND balance >= %s",
     "reserve": "UPDATE api_keys SET reserved_quota = reserved_quota + %s WHERE id = %s "
                "AND limit_quota - used_quota - reserved_quota >= %s",
     "insert_hold": "INSERT INTO holds (request_id, user_id, key_id, model, price_group, amount, prompt_tokens, "
-                   "prompt_source, limited_key, status, created_at, expires_at) VALUES (" + ", ".join(["%s"] * 12) + ")",
+                   "prompt_source, limited_key, channel, status, created_at, expires_at) VALUES ("
+                   + ", ".join(["%s"] * 13) + ")",
     "insert_entry": "INSERT INTO ledger_entries (user_id, key_id, kind, amount, hold_id, usage_event_id, reference, "
                     "note, created_at) VALUES (" + ", ".join(["%s"] * 9) + ")",
     "lock_user": "SELECT users.id FROM users WHERE users.id = %s FOR NO KEY UPDATE",  # SQLite: without FOR ...
-    "event_by_request": f"SELECT id, {', '.join(EVENT_COLS)} FROM usage_events WHERE request_id = %s",
     "insert_event": f"INSERT INTO usage_events ({', '.join(EVENT_COLS)}) VALUES ({', '.join(['%s'] * len(EVENT_COLS))})",
-    "hold_by_id": f"SELECT {HOLD_COLS} FROM holds WHERE id = %s",
+    "hold_by_id": "SELECT id, user_id, key_id, amount, limited_key FROM holds WHERE id = %s",
     "resolve": "UPDATE holds SET status = %s, resolved_at = %s WHERE id = %s AND status = %s",
     "move": "UPDATE users SET balance = balance + %s WHERE id = %s",
-    "unreserve": "UPDATE api_keys SET reserved_quota = reserved_quota - %s WHERE id = %s",
-    "use": "UPDATE api_keys SET used_quota = used_quota + %s WHERE id = %s",
+    "move_key": "UPDATE api_keys SET reserved_quota = reserved_quota - %s, used_quota = used_quota + %s WHERE id = %s",
 }
 
 
@@ -128,7 +128,8 @@ class Floor:
         return moment.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else moment
 
     def one(self, name: str, params: tuple) -> Any:
-        return self.cur.execute(self.sql[name], params).fetchone()
+        rows = self.cur.execute(self.sql[name], params).fetchall()  # as the Meter: to the end of the statement
+        return rows[0] if rows else None
 
     def run(self, name: str, params: tuple) -> int:
         return self.cur.execute(self.sql[name], params).rowcount
@@ -151,42 +152,50 @@ class Floor:
             raise
         self.conn.execute("COMMIT")
 
+    def lookup(self, secret: str, rid: str) -> tuple:
+        key = self.one("key", (secret_hash(secret),))
+        assert key is not None and key[2] == "enabled" and key[4] is None and key[5] is None
+        assert self.one("hold_by_request", (rid,)) is None
+        return key
+
+    def hold(self, key: tuple, rid: str) -> int:
+        p, t = self.plan, self._time
+        key_id, user_id, group, limited, amount = key[0], key[1], key[7], key[6] is not None, p["amount"]
+        created = utcnow()
+        if self.run("take", (amount, user_id, amount)) != 1:
+            raise RuntimeError("floor: quota exceeded (user)")
+        if limited and self.run("reserve", (amount, key_id, amount)) != 1:
+            raise RuntimeError("floor: quota exceeded (key)")
+        hold_id = self.insert("insert_hold", (rid, user_id, key_id, "gpt-4o", group, amount, p["prompt_tokens"],
+                                              p["prompt_source"], limited, None, "open", t(created),
+                                              t(created + p["ttl"])))
+        self.insert("insert_entry", (user_id, key_id, "hold", -amount, hold_id, None, f"hold:{rid}", None, t(utcnow())))
+        return hold_id
+
     def request(self, secret: str, rid: str) -> None:
         p, t = self.plan, self._time
-        key = self.one("key", (secret_hash(secret),))
-        assert key is not None and key[5] == "enabled" and key[6] is None and key[7] is None
-        assert self.one("hold_by_request", (rid,)) is None
-        key_id, user_id, group, limited, amount = key[0], key[1], key[12], key[8] is not None, p["amount"]
-        created = utcnow()
-        with self.transaction():  # authorize
-            if self.run("take", (amount, user_id, amount)) != 1:
-                raise RuntimeError("floor: quota exceeded (user)")
-            if limited and self.run("reserve", (amount, key_id, amount)) != 1:
-                raise RuntimeError("floor: quota exceeded (key)")
-            hold_id = self.insert("insert_hold", (rid, user_id, key_id, "gpt-4o", group, amount, p["prompt_tokens"],
-                                                  p["prompt_source"], limited, "open", t(created), t(created + p["ttl"])))
-            self.insert("insert_entry", (user_id, key_id, "hold", -amount, hold_id, None, f"hold:{rid}", None, t(utcnow())))
+        if self.sqlite:  # authorize: the reads outside the write transaction (no write lock)...
+            key = self.lookup(secret, rid)
+            with self.transaction():
+                hold_id = self.hold(key, rid)
+        else:  # ...on PostgreSQL inside it (the Meter's driver opens it with the first read)
+            with self.transaction():
+                key = self.lookup(secret, rid)
+                hold_id = self.hold(key, rid)
+        key_id, user_id, quota = key[0], key[1], p["quota"]
         event = p["event"] | {"request_id": rid, "hold_id": hold_id, "user_id": user_id, "key_id": key_id,
-                              "occurred_at": t(created), "created_at": t(utcnow())}
+                              "occurred_at": t(utcnow()), "created_at": t(utcnow())}
         with self.transaction():  # settle, as Meter._charge runs it
             self.one("lock_user", (user_id,))
-            if self.one("event_by_request", (rid,)) is not None:
-                raise RuntimeError("floor: already settled")
             event_id = self.insert("insert_event", tuple(event[c] for c in EVENT_COLS))
-            self.one("hold_by_id", (hold_id,))
             row = self.one("hold_by_id", (hold_id,))
-            self.one("lock_user", (row[2],))
             if self.run("resolve", ("settled", t(utcnow()), hold_id, "open")) != 1:
                 raise RuntimeError("floor: hold not open")
-            self.insert("insert_entry", (row[2], row[3], "release", row[6], hold_id, None, f"release:{hold_id}", None, t(utcnow())))
-            self.run("move", (row[6], row[2]))
-            if row[9]:
-                self.run("unreserve", (row[6], row[3]))
-            quota = p["quota"]
+            self.insert("insert_entry", (row[1], row[2], "release", row[3], hold_id, None, f"release:{hold_id}", None, t(utcnow())))
             self.insert("insert_entry", (user_id, key_id, "charge", -quota, hold_id, event_id, f"charge:{rid}", None, t(utcnow())))
-            self.run("move", (-quota, user_id))
-            if row[9]:
-                self.run("use", (quota, key_id))
+            self.run("move", (row[3] - quota, user_id))
+            if row[4]:
+                self.run("move_key", (row[3], quota, key_id))
 
 
 def ledger_request(meter: Meter, secret: str, rid: str) -> None:

@@ -2,15 +2,20 @@
 
 SQLite (the embedded default): WAL journal, a busy timeout, foreign keys on, and every transaction
 opened with ``BEGIN IMMEDIATE`` so writers queue for the lock up front instead of failing on upgrade
-(SQLAlchemy's documented recipe for pysqlite). A database file on a network filesystem is refused:
-SQLite's locking is not reliable there. PostgreSQL (psycopg 3) and MySQL/MariaDB (PyMySQL) use their
-defaults (READ COMMITTED / REPEATABLE READ): every balance change is a conditional UPDATE whose WHERE
-is re-checked on the latest row under its row lock, which is what makes it safe under concurrency.
+(SQLAlchemy's documented recipe for pysqlite); a connection given the ``READ_ONLY`` execution option
+opens a plain (deferred) ``BEGIN`` instead, a snapshot that takes no write lock. A database file on a
+network filesystem is refused: SQLite's locking is not reliable there. PostgreSQL (psycopg 3) and
+MySQL/MariaDB (PyMySQL) use their defaults (READ COMMITTED / REPEATABLE READ): every balance change is a
+conditional UPDATE whose WHERE is re-checked on the latest row under its row lock, which is what makes it
+safe under concurrency. Their pooled connections are not pinged at checkout (a round trip per
+transaction); they are recycled after ``POOL_RECYCLE_SECONDS``, and the ledger runs a transaction again
+once when its connection turns out to have been dropped before the commit.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -26,6 +31,10 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smbfs", "smb3", "9p", "afs", "ceph", "glusterfs", "fuse.sshfs", "fuse.s3fs", "lustre", "davfs"}
 )
+#: Server connections older than this are replaced (servers and proxies close idle ones: MySQL's wait_timeout).
+POOL_RECYCLE_SECONDS = 1800
+#: Execution option of a read-only connection: on SQLite its transactions open with a deferred BEGIN.
+READ_ONLY = "ledger_read_only"
 #: Driver to use when a URL names only the database kind.
 DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql", "mariadb": "mysql+pymysql"}
 
@@ -62,7 +71,7 @@ def make_engine(url: str) -> Engine:
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        return create_engine(url, pool_recycle=POOL_RECYCLE_SECONDS, pool_size=5, max_overflow=10)
     database = parsed.database
     if database and database != ":memory:":
         directory = Path(database).expanduser().resolve().parent
@@ -84,7 +93,12 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front; a reader's deferred BEGIN reads a snapshot and blocks no one.
+        sql = "BEGIN" if connection.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE"
+        try:  # on the DBAPI connection: SQLAlchemy's execution path would cost several times the BEGIN itself
+            connection.connection.driver_connection.execute(sql)
+        except sqlite3.Error as exc:  # e.g. "database is locked" after the busy timeout: raised as SQLAlchemy would
+            connection._handle_dbapi_exception(exc, sql, (), None, None)
 
     return engine
 

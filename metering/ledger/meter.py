@@ -19,21 +19,39 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import SQLModel
 
 from metering.completion import usage_from_response
 from metering.counting import count_request
-from metering.ledger.database import make_engine
+from metering.ledger.database import READ_ONLY, make_engine
 from metering.ledger.errors import DuplicateReference, KeyRejected, NotFound, QuotaExceeded, SettleConflict
+from metering.ledger.statements import (
+    BALANCE_NOW,
+    HOLD_BY_ID,
+    HOLD_BY_REQUEST,
+    INSERT_ENTRY,
+    INSERT_EVENT,
+    INSERT_HOLD,
+    KEY_BY_SECRET,
+    KEY_ROOM_NOW,
+    LOCK_USER,
+    MOVE_BALANCE,
+    MOVE_KEY,
+    NOTE_LATE_SETTLE,
+    RESERVE,
+    RESOLVE_HOLD,
+    TAKE,
+    Db,
+    Statements,
+)
 from metering.ledger.tables import ApiKey, GrantRecord, Hold, LedgerEntry, RedemptionCode, TopupOrder, UsageEvent, User
 from metering.models import resolve_model
 from metering.prompt_count import PromptCount
@@ -107,6 +125,7 @@ class HoldTicket:
     prompt_source: str
     created_at: datetime
     expires_at: datetime
+    channel: str | None = None  # the upstream channel the gateway routed to, when it named one
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +175,7 @@ class Meter:
         self.engine = engine
         self.prices = prices
         self.hold_ttl = hold_ttl
+        self._statements = Statements(engine.dialect)
 
     @classmethod
     def open(
@@ -174,39 +194,64 @@ class Meter:
 
     # ------------------------------------------------------------------ transactions
 
-    @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        with self.engine.begin() as connection:
-            yield connection
+    def _retrying(self, work: Callable[[Db], T], *, reads_first: bool = False) -> T:
+        """Run ``work`` in a write transaction, again from the start after a deadlock or serialization failure.
 
-    def _retrying(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work`` in a transaction, again from scratch after a deadlock or serialization failure."""
+        Also once more when the pooled connection turns out to have been dropped (a server restart, an idle
+        timeout) before the COMMIT was sent: what ``pool_pre_ping`` did, without its round trip on every
+        checkout. A failed COMMIT is never repeated: it may have been applied. With ``reads_first``, ``work``
+        reads first and opens the write transaction itself (``db.transaction()``), on the same connection.
+        """
+        dropped = False
         for attempt in range(MAX_RETRIES):
+            db: Db | None = None
             try:
-                with self._transaction() as connection:
-                    return work(connection)
+                with self.engine.connect() as connection:
+                    db = Db(connection, self._statements)
+                    if reads_first:
+                        return work(db)
+                    with db.transaction():
+                        return work(db)
             except DBAPIError as exc:
+                if exc.connection_invalidated and not dropped and db is not None and not db.committing:
+                    dropped = True
+                    continue
                 if isinstance(exc, IntegrityError) or not _is_retryable(exc) or attempt == MAX_RETRIES - 1:
                     raise
                 time.sleep(0.005 * (attempt + 1) * (1 + secrets.randbelow(4)))
         raise AssertionError("unreachable")
 
+    def _read(self, work: Callable[[Db], T]) -> T:
+        """Run read-only ``work`` on one snapshot (once more if the pooled connection had been dropped).
+
+        On SQLite the snapshot is a deferred BEGIN: a read neither waits for the write lock nor holds
+        writers up. It ends with a COMMIT rather than a ROLLBACK: psycopg forgets its prepared statements at
+        every ROLLBACK.
+        """
+        for attempt in range(2):
+            try:
+                with self.engine.connect() as connection:
+                    with connection.execution_options(**{READ_ONLY: True}).begin():
+                        return work(Db(connection, self._statements))
+            except DBAPIError as exc:
+                if attempt or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
     @staticmethod
     def _entry(
-        connection: Connection, user_id: int, kind: str, amount: int, reference: str, *,
+        db: Db, user_id: int, kind: str, amount: int, reference: str, *,
         key_id: int | None = None, hold_id: int | None = None, usage_event_id: int | None = None,
         note: str | None = None,
     ) -> None:
-        """Append one entry and move the user's balance by exactly its amount."""
-        connection.execute(
-            insert(ENTRIES).values(
-                user_id=user_id, key_id=key_id, kind=kind, amount=amount, hold_id=hold_id,
-                usage_event_id=usage_event_id, reference=reference, note=note, created_at=utcnow(),
-            )
-        )
+        """Append one entry; the same transaction moves the user's balance by exactly its amount."""
+        db.insert(INSERT_ENTRY, {
+            "user_id": user_id, "key_id": key_id, "kind": kind, "amount": amount, "hold_id": hold_id,
+            "usage_event_id": usage_event_id, "reference": reference, "note": note, "created_at": utcnow(),
+        })
 
     @staticmethod
-    def _lock_user(connection: Connection, user_id: int) -> None:
+    def _lock_user(db: Db, user_id: int) -> None:
         """Take the user's row lock first (FOR NO KEY UPDATE / FOR UPDATE, a no-op on SQLite's BEGIN IMMEDIATE).
 
         InnoDB's foreign-key checks take a shared lock on the users row for every insert that names the
@@ -214,15 +259,15 @@ class Meter:
         then upgrade it, and two transactions of one user upgrading at once deadlock. Locking first
         queues them instead.
         """
-        connection.execute(select(USERS.c.id).where(USERS.c.id == user_id).with_for_update(key_share=True))
+        db.row(LOCK_USER, p_user_id=user_id)
 
     @staticmethod
-    def _move_balance(connection: Connection, user_id: int, delta: int) -> None:
-        connection.execute(update(USERS).where(USERS.c.id == user_id).values(balance=USERS.c.balance + delta))
+    def _move_balance(db: Db, user_id: int, delta: int) -> None:
+        db.count(MOVE_BALANCE, p_user_id=user_id, p_delta=delta)
 
-    def _credit(self, connection: Connection, user_id: int, kind: str, amount: int, reference: str, note: str | None = None) -> None:
-        self._entry(connection, user_id, kind, amount, reference, note=note)
-        self._move_balance(connection, user_id, amount)
+    def _credit(self, db: Db, user_id: int, kind: str, amount: int, reference: str, note: str | None = None) -> None:
+        self._entry(db, user_id, kind, amount, reference, note=note)
+        self._move_balance(db, user_id, amount)
 
     # ------------------------------------------------------------------ users and keys
 
@@ -232,36 +277,37 @@ class Meter:
         _identifier(name, "name")
         if name.isdigit():
             raise ValueError(f"a user name must be non-empty and not only digits (digits name a user id): {name!r}")
+
+        def work(db: Db) -> int:
+            result = db.execute(insert(USERS).values(name=name, price_group=group, balance=0, created_at=utcnow()))
+            return int(result.inserted_primary_key[0])
+
         try:
-            with self._transaction() as connection:
-                result = connection.execute(insert(USERS).values(name=name, price_group=group, balance=0, created_at=utcnow()))
-                return int(result.inserted_primary_key[0])
+            return self._retrying(work)
         except IntegrityError:
             raise DuplicateReference(f"user {name!r} already exists") from None
 
     def user(self, user_id: int) -> dict[str, Any]:
         """A user's id, name, group and balance."""
-        with self.engine.connect() as connection:
-            row = connection.execute(select(USERS).where(USERS.c.id == user_id)).mappings().first()
+        row = self._read(lambda db: db.execute(select(USERS).where(USERS.c.id == user_id)).mappings().first())
         if row is None:
             raise NotFound(f"no user {user_id}")
         return {"id": row["id"], "name": row["name"], "group": row["price_group"], "balance": row["balance"]}
 
     def find_user(self, name_or_id: str | int) -> int:
         """The id of a user given by id or name."""
-        with self.engine.connect() as connection:
-            if isinstance(name_or_id, int) or str(name_or_id).isdigit():
-                row = connection.execute(select(USERS.c.id).where(USERS.c.id == int(name_or_id))).first()
-            else:
-                row = connection.execute(select(USERS.c.id).where(USERS.c.name == name_or_id)).first()
+        if isinstance(name_or_id, int) or str(name_or_id).isdigit():
+            query = select(USERS.c.id).where(USERS.c.id == int(name_or_id))
+        else:
+            query = select(USERS.c.id).where(USERS.c.name == name_or_id)
+        row = self._read(lambda db: db.execute(query).first())
         if row is None:
             raise NotFound(f"no user {name_or_id!r}")
         return int(row[0])
 
     def users(self) -> list[dict[str, Any]]:
         """Every user, by id."""
-        with self.engine.connect() as connection:
-            rows = connection.execute(select(USERS).order_by(USERS.c.id)).mappings().all()
+        rows = self._read(lambda db: db.execute(select(USERS).order_by(USERS.c.id)).mappings().all())
         return [{"id": r["id"], "name": r["name"], "group": r["price_group"], "balance": r["balance"]} for r in rows]
 
     def balance(self, user_id: int) -> int:
@@ -277,16 +323,14 @@ class Meter:
             raise ValueError("limit_quota must not be negative (None means unlimited)")
         self.user(user_id)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-        with self._transaction() as connection:
-            connection.execute(
-                insert(KEYS).values(
-                    user_id=user_id, name=name, secret_hash=secret_hash(secret),
-                    display_prefix=secret[: len(SECRET_PREFIX) + 4] + "...", status="enabled",
-                    expires_at=None if expires_at is None else _naive_utc(expires_at),
-                    allowed_models=None if models is None else json.dumps(sorted(models)),
-                    limit_quota=limit_quota, used_quota=0, reserved_quota=0, created_at=utcnow(),
-                )
-            )
+        values = {
+            "user_id": user_id, "name": name, "secret_hash": secret_hash(secret),
+            "display_prefix": secret[: len(SECRET_PREFIX) + 4] + "...", "status": "enabled",
+            "expires_at": None if expires_at is None else _naive_utc(expires_at),
+            "allowed_models": None if models is None else json.dumps(sorted(models)),
+            "limit_quota": limit_quota, "used_quota": 0, "reserved_quota": 0, "created_at": utcnow(),
+        }
+        self._retrying(lambda db: db.execute(insert(KEYS).values(**values)).rowcount)
         return secret
 
     def keys(self, user_id: int | None = None) -> list[dict[str, Any]]:
@@ -294,8 +338,7 @@ class Meter:
         query = select(KEYS).order_by(KEYS.c.id)
         if user_id is not None:
             query = query.where(KEYS.c.user_id == user_id)
-        with self.engine.connect() as connection:
-            rows = connection.execute(query).mappings().all()
+        rows = self._read(lambda db: db.execute(query).mappings().all())
         return [
             {
                 "id": r["id"], "user_id": r["user_id"], "name": r["name"], "prefix": r["display_prefix"],
@@ -309,18 +352,11 @@ class Meter:
 
     def revoke_key(self, key_id: int) -> bool:
         """Disable a key for good; False when it was already revoked."""
-        with self._transaction() as connection:
-            result = connection.execute(
-                update(KEYS).where(KEYS.c.id == key_id, KEYS.c.status == "enabled").values(status="revoked")
-            )
-        return result.rowcount == 1
+        revoke = update(KEYS).where(KEYS.c.id == key_id, KEYS.c.status == "enabled").values(status="revoked")
+        return self._retrying(lambda db: db.execute(revoke).rowcount == 1)
 
-    def _key(self, connection: Connection, secret: str, model: str) -> dict[str, Any]:
-        row = connection.execute(
-            select(KEYS, USERS.c.price_group).join(USERS, USERS.c.id == KEYS.c.user_id).where(
-                KEYS.c.secret_hash == secret_hash(secret)
-            )
-        ).mappings().first()
+    def _key(self, db: Db, secret: str, model: str) -> dict[str, Any]:
+        row = db.row(KEY_BY_SECRET, p_secret_hash=secret_hash(secret))
         if row is None:
             raise KeyRejected("invalid API key")  # never echo the secret
         if row["status"] != "enabled":
@@ -334,7 +370,7 @@ class Meter:
                 raise KeyRejected(
                     f"API key {row['display_prefix']} may not use model {model}", http_status=403, code="model_not_allowed"
                 )
-        return dict(row)
+        return row
 
     # ------------------------------------------------------------------ credits
 
@@ -343,12 +379,12 @@ class Meter:
         units = grant_quota(self.prices, kind)
         self.user(user_id)  # NotFound, not a foreign-key error swallowed as "granted before"
 
-        def work(connection: Connection) -> int:
-            self._lock_user(connection, user_id)
-            if connection.execute(select(GRANTS.c.id).where(GRANTS.c.user_id == user_id, GRANTS.c.kind == kind)).first():
+        def work(db: Db) -> int:
+            self._lock_user(db, user_id)
+            if db.execute(select(GRANTS.c.id).where(GRANTS.c.user_id == user_id, GRANTS.c.kind == kind)).first():
                 return 0
-            connection.execute(insert(GRANTS).values(user_id=user_id, kind=kind, quota=units, created_at=utcnow()))
-            self._credit(connection, user_id, "grant", units, f"grant:{user_id}:{kind}")
+            db.execute(insert(GRANTS).values(user_id=user_id, kind=kind, quota=units, created_at=utcnow()))
+            self._credit(db, user_id, "grant", units, f"grant:{user_id}:{kind}")
             return units
 
         try:
@@ -363,23 +399,23 @@ class Meter:
         _identifier(reference, "reference")
         moment = at or datetime.now(timezone.utc)
         quote = quote_topup(self.prices, amount, currency, moment)
+        paid_at = _naive_utc(moment)  # the order's time is the payment's (reports take the paid rate by it)
         self.user(user_id)  # NotFound, not a raw foreign-key IntegrityError
         order = {
             "reference": reference, "user_id": user_id, "amount": str(quote.amount), "currency": currency,
             "rate_id": quote.rate_id, "usd_credit": decimal_text(quote.usd_credit), "quota": quote.quota,
         }
 
-        def work(connection: Connection) -> int:
-            self._lock_user(connection, user_id)
-            connection.execute(insert(ORDERS).values(**order, created_at=utcnow()))
-            self._credit(connection, user_id, "topup", quote.quota, f"topup:{reference}", note=quote.label)
+        def work(db: Db) -> int:
+            self._lock_user(db, user_id)
+            db.execute(insert(ORDERS).values(**order, created_at=paid_at))
+            self._credit(db, user_id, "topup", quote.quota, f"topup:{reference}", note=quote.label)
             return quote.quota
 
         try:
             return self._retrying(work)
         except IntegrityError:
-            with self.engine.connect() as connection:
-                row = connection.execute(select(ORDERS).where(ORDERS.c.reference == reference)).mappings().first()
+            row = self._read(lambda db: db.execute(select(ORDERS).where(ORDERS.c.reference == reference)).mappings().first())
             if row is None:
                 raise
             if (row["user_id"], row["amount"], row["currency"]) != (user_id, order["amount"], currency):
@@ -391,18 +427,16 @@ class Meter:
         _identifier(reference, "reference")
         self.user(user_id)  # NotFound, not a foreign-key error swallowed as "posted before"
 
-        def work(connection: Connection) -> bool:
-            self._lock_user(connection, user_id)
-            self._credit(connection, user_id, "adjustment", amount, f"adjustment:{reference}", note=note)
+        def work(db: Db) -> bool:
+            self._lock_user(db, user_id)
+            self._credit(db, user_id, "adjustment", amount, f"adjustment:{reference}", note=note)
             return True
 
         try:
             return self._retrying(work)
         except IntegrityError:
-            with self.engine.connect() as connection:
-                row = connection.execute(
-                    select(ENTRIES).where(ENTRIES.c.kind == "adjustment", ENTRIES.c.reference == f"adjustment:{reference}")
-                ).mappings().first()
+            posted = select(ENTRIES).where(ENTRIES.c.kind == "adjustment", ENTRIES.c.reference == f"adjustment:{reference}")
+            row = self._read(lambda db: db.execute(posted).mappings().first())
             if row is None:
                 raise
             if (row["user_id"], row["amount"], row["note"]) != (user_id, amount, note):
@@ -416,29 +450,26 @@ class Meter:
         batch = batch or utcnow().strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
         codes = ["rc-" + secrets.token_urlsafe(18) for _ in range(count)]
         now = utcnow()
-        with self._transaction() as connection:
-            connection.execute(
-                insert(CODES),
-                [{"code_hash": secret_hash(c), "batch": batch, "quota": quota_units, "created_at": now} for c in codes],
-            )
+        rows = [{"code_hash": secret_hash(c), "batch": batch, "quota": quota_units, "created_at": now} for c in codes]
+        self._retrying(lambda db: db.execute(insert(CODES), rows).rowcount)
         return codes
 
     def redeem(self, user_id: int, code: str) -> int:
         """Redeem a code for ``user_id`` exactly once (under any concurrency); returns the units credited."""
         self.user(user_id)  # NotFound, not a raw foreign-key IntegrityError
 
-        def work(connection: Connection) -> int:
-            self._lock_user(connection, user_id)
-            row = connection.execute(select(CODES).where(CODES.c.code_hash == secret_hash(code))).mappings().first()
+        def work(db: Db) -> int:
+            self._lock_user(db, user_id)
+            row = db.execute(select(CODES).where(CODES.c.code_hash == secret_hash(code))).mappings().first()
             if row is None:
                 raise NotFound("invalid redemption code")
-            claimed = connection.execute(
+            claimed = db.execute(
                 update(CODES).where(CODES.c.id == row["id"], CODES.c.redeemed_by.is_(None))
                 .values(redeemed_by=user_id, redeemed_at=utcnow())
             )
             if claimed.rowcount != 1:
                 raise DuplicateReference("this redemption code was already used")
-            self._credit(connection, user_id, "redemption", int(row["quota"]), f"redemption:{row['id']}")
+            self._credit(db, user_id, "redemption", int(row["quota"]), f"redemption:{row['id']}")
             return int(row["quota"])
 
         return self._retrying(work)
@@ -457,63 +488,54 @@ class Meter:
 
     def authorize(
         self, secret: str, request_body: dict[str, Any], request_id: str, *, model: str | None = None,
-        at: datetime | None = None,
+        at: datetime | None = None, channel: str | None = None,
     ) -> HoldTicket:
         """Validate the key and reserve the request's worst case; raises ``QuotaExceeded`` or ``KeyRejected``.
 
         Retrying with the same ``request_id`` returns the hold already taken, never a second one.
+        ``channel`` names the upstream channel (for reports and upstream cost); ``settle`` may name another.
         """
         _identifier(request_id, "request_id")
+        if channel is not None:
+            _identifier(channel, "channel")
         model = model or request_body.get("model")
         if not isinstance(model, str):
             raise KeyRejected("the request names no model", http_status=400, code="model_required")
         moment = at or datetime.now(timezone.utc)
-        with self.engine.connect() as connection:
-            key = self._key(connection, secret, model)
-            existing = connection.execute(select(HOLDS).where(HOLDS.c.request_id == request_id)).mappings().first()
-        if existing is not None:
-            return self._ticket_for_retry(existing, key)
-        amount, prompt = self.estimate(request_body, model, key["price_group"], moment)
-        created = _naive_utc(moment)
-        limited = key["limit_quota"] is not None
+        key: dict[str, Any] = {}
 
-        def work(connection: Connection) -> HoldTicket:
-            taken = connection.execute(
-                update(USERS).where(USERS.c.id == key["user_id"], USERS.c.balance >= amount)
-                .values(balance=USERS.c.balance - amount)
-            )
-            if taken.rowcount != 1:
-                available = connection.execute(select(USERS.c.balance).where(USERS.c.id == key["user_id"])).scalar_one()
-                raise QuotaExceeded(amount, max(int(available), 0), "user")
-            if limited:
-                room = KEYS.c.limit_quota - KEYS.c.used_quota - KEYS.c.reserved_quota
-                reserved = connection.execute(
-                    update(KEYS).where(KEYS.c.id == key["id"], room >= amount)
-                    .values(reserved_quota=KEYS.c.reserved_quota + amount)
-                )
-                if reserved.rowcount != 1:
-                    left = connection.execute(select(room).where(KEYS.c.id == key["id"])).scalar_one()
+        def work(db: Db) -> HoldTicket:
+            # One checkout for the reads and the write transaction. The reads come first: on SQLite outside
+            # any transaction (no write lock while the prompt is counted); on PostgreSQL and MySQL the driver
+            # opens the transaction with the first read (a plain SELECT: no row lock) and the COMMIT ends it.
+            nonlocal key
+            key = self._key(db, secret, model)
+            existing = db.row(HOLD_BY_REQUEST, p_request_id=request_id)
+            if existing is not None:
+                return self._ticket_for_retry(existing, key)
+            amount, prompt = self.estimate(request_body, model, key["price_group"], moment)
+            created = _naive_utc(moment)
+            hold = {
+                "request_id": request_id, "user_id": key["user_id"], "key_id": key["id"], "model": model,
+                "price_group": key["price_group"], "amount": amount, "prompt_tokens": prompt.prompt_tokens,
+                "prompt_source": str(prompt.source), "limited_key": key["limit_quota"] is not None,
+                "channel": channel, "status": "open", "created_at": created, "expires_at": created + self.hold_ttl,
+            }
+            with db.transaction():
+                if db.count(TAKE, p_user_id=key["user_id"], p_amount=amount) != 1:
+                    available = db.row(BALANCE_NOW, p_user_id=key["user_id"])["balance"]  # type: ignore[index]
+                    raise QuotaExceeded(amount, max(int(available), 0), "user")
+                if hold["limited_key"] and db.count(RESERVE, p_key_id=key["id"], p_amount=amount) != 1:
+                    left = db.row(KEY_ROOM_NOW, p_key_id=key["id"])["room"]  # type: ignore[index]
                     raise QuotaExceeded(amount, max(int(left), 0), "key")
-            hold_id = connection.execute(
-                insert(HOLDS).values(
-                    request_id=request_id, user_id=key["user_id"], key_id=key["id"], model=model,
-                    price_group=key["price_group"], amount=amount, prompt_tokens=prompt.prompt_tokens,
-                    prompt_source=str(prompt.source), limited_key=limited, status="open", created_at=created,
-                    expires_at=created + self.hold_ttl,
-                )
-            ).inserted_primary_key[0]
-            self._entry(connection, key["user_id"], "hold", -amount, f"hold:{request_id}", key_id=key["id"], hold_id=hold_id)
-            return HoldTicket(
-                id=int(hold_id), request_id=request_id, user_id=key["user_id"], key_id=key["id"], model=model,
-                price_group=key["price_group"], amount=amount, prompt_tokens=prompt.prompt_tokens,
-                prompt_source=str(prompt.source), created_at=_aware(created), expires_at=_aware(created + self.hold_ttl),
-            )
+                hold["id"] = db.insert(INSERT_HOLD, hold)
+                self._entry(db, key["user_id"], "hold", -amount, f"hold:{request_id}", key_id=key["id"], hold_id=hold["id"])
+            return _ticket(hold)
 
         try:
-            return self._retrying(work)
+            return self._retrying(work, reads_first=True)
         except IntegrityError:
-            with self.engine.connect() as connection:
-                row = connection.execute(select(HOLDS).where(HOLDS.c.request_id == request_id)).mappings().first()
+            row = self._read(lambda db: db.row(HOLD_BY_REQUEST, p_request_id=request_id))
             if row is None:
                 raise
             return self._ticket_for_retry(row, key)
@@ -526,42 +548,46 @@ class Meter:
 
     def hold(self, request_id: str) -> HoldTicket:
         """The hold taken for ``request_id`` (e.g. in another process)."""
-        with self.engine.connect() as connection:
-            row = connection.execute(select(HOLDS).where(HOLDS.c.request_id == request_id)).mappings().first()
+        row = self._read(lambda db: db.row(HOLD_BY_REQUEST, p_request_id=request_id))
         if row is None:
             raise NotFound(f"no hold for request {request_id!r}")
         return _ticket(row)
 
     def release(self, hold: HoldTicket) -> bool:
         """The upstream call failed: return the hold to the balance, exactly once. False if already resolved."""
-        return self._retrying(lambda connection: self._resolve_open_hold(connection, hold.id, "released"))
+        return self._retrying(lambda db: self._resolve_open_hold(db, hold.id, "released"))
 
-    def _resolve_open_hold(self, connection: Connection, hold_id: int, status: str) -> bool:
-        row = connection.execute(select(HOLDS).where(HOLDS.c.id == hold_id)).mappings().first()
+    def _resolve_open_hold(self, db: Db, hold_id: int, status: str) -> bool:
+        """Release or expire a hold: its amount back to the balance (and the key), exactly once."""
+        row = db.row(HOLD_BY_ID, p_id=hold_id)
         if row is None:
             raise NotFound(f"no hold {hold_id}")
-        self._lock_user(connection, row["user_id"])
-        changed = connection.execute(
-            update(HOLDS).where(HOLDS.c.id == hold_id, HOLDS.c.status == "open").values(status=status, resolved_at=utcnow())
-        )
-        if changed.rowcount != 1:
+        self._lock_user(db, row["user_id"])
+        if not self._mark_resolved(db, row, status):
             return False
-        self._entry(connection, row["user_id"], "release", row["amount"], f"release:{hold_id}", key_id=row["key_id"], hold_id=hold_id)
-        self._move_balance(connection, row["user_id"], row["amount"])
+        self._move_balance(db, row["user_id"], row["amount"])
         if row["limited_key"]:
-            connection.execute(
-                update(KEYS).where(KEYS.c.id == row["key_id"]).values(reserved_quota=KEYS.c.reserved_quota - row["amount"])
-            )
+            db.count(MOVE_KEY, p_key_id=row["key_id"], p_released=row["amount"], p_used=0)
+        return True
+
+    def _mark_resolved(self, db: Db, row: dict[str, Any], status: str) -> bool:
+        """Resolve the hold ``row`` as ``status`` and append its release entry if it is still open (False if not).
+
+        Only the transaction whose conditional UPDATE finds the hold open writes the entry; the caller, in
+        the same transaction and under the user's lock, moves the balance (and a limited key) back.
+        """
+        if db.count(RESOLVE_HOLD, p_id=row["id"], p_status=status, p_at=utcnow()) != 1:
+            return False
+        self._entry(db, row["user_id"], "release", row["amount"], f"release:{row['id']}", key_id=row["key_id"],
+                    hold_id=row["id"])
         return True
 
     def expire_holds(self, now: datetime | None = None) -> int:
         """Release every open hold past its TTL (the worker runs this every minute); returns how many."""
         cutoff = _naive_utc(now)
-        with self.engine.connect() as connection:
-            ids = connection.execute(
-                select(HOLDS.c.id).where(HOLDS.c.status == "open", HOLDS.c.expires_at <= cutoff)
-            ).scalars().all()
-        return sum(self._retrying(lambda c, i=i: self._resolve_open_hold(c, i, "expired")) for i in ids)
+        due = select(HOLDS.c.id).where(HOLDS.c.status == "open", HOLDS.c.expires_at <= cutoff)
+        ids = self._read(lambda db: db.execute(due).scalars().all())
+        return sum(self._retrying(lambda db, i=i: self._resolve_open_hold(db, i, "expired")) for i in ids)
 
     # ------------------------------------------------------------------ settlement
 
@@ -572,12 +598,15 @@ class Meter:
 
     def settle(
         self, hold: HoldTicket, *, response: dict[str, Any] | None = None, usage: UsageRecord | None = None,
-        stream: StreamAccumulator | StreamResult | None = None,
+        stream: StreamAccumulator | StreamResult | None = None, channel: str | None = None,
     ) -> Receipt:
         """Charge the actual usage at the request's time, resolving the hold; a retry returns the first receipt.
 
-        Give exactly one of ``response`` (a non-stream response body), ``usage`` or ``stream``.
+        Give exactly one of ``response`` (a non-stream response body), ``usage`` or ``stream``. ``channel``
+        (default: the one named at authorize) is the upstream channel that served the request.
         """
+        if channel is not None:
+            _identifier(channel, "channel")
         if sum(x is not None for x in (response, usage, stream)) != 1:
             raise ValueError("give exactly one of response=, usage= or stream=")
         outcome = "completed"
@@ -587,42 +616,44 @@ class Meter:
         elif response is not None:
             usage = usage_from_response(response, hold.model, prompt=_prompt_of(hold))
         assert usage is not None
-        return self._charge(hold, usage, outcome)
+        return self._charge(hold, usage, outcome, channel or hold.channel)
 
-    def _charge(self, hold: HoldTicket, usage: UsageRecord, outcome: str) -> Receipt:
+    def _charge(self, hold: HoldTicket, usage: UsageRecord, outcome: str, channel: str | None) -> Receipt:
         priced = price(self.prices, usage, hold.created_at, hold.price_group)
         payload = _payload_hash(usage, outcome)
         event = _event_values(hold.request_id, hold.user_id, hold.key_id, hold.model, hold.price_group, usage, outcome,
                               priced, payload, hold.created_at)
-        event["hold_id"] = hold.id
+        event["hold_id"], event["channel"] = hold.id, channel
 
-        def work(connection: Connection) -> Receipt:
-            self._lock_user(connection, hold.user_id)
-            existing = connection.execute(select(EVENTS).where(EVENTS.c.request_id == hold.request_id)).mappings().first()
-            if existing is not None:
-                return _receipt_or_conflict(existing, payload, _reserved(connection, hold))
-            event_id = connection.execute(insert(EVENTS).values(**event)).inserted_primary_key[0]
-            row = connection.execute(select(HOLDS).where(HOLDS.c.id == hold.id)).mappings().one()
-            was_open = self._resolve_open_hold(connection, hold.id, "settled")
+        def work(db: Db) -> Receipt:
+            self._lock_user(db, hold.user_id)
+            # No look-up of an earlier settle first: the unique request id refuses a second event, and the
+            # IntegrityError below answers a retry with the first receipt.
+            event_id = db.insert(INSERT_EVENT, event)
+            row = db.row(HOLD_BY_ID, p_id=hold.id)
+            if row is None:
+                raise NotFound(f"no hold {hold.id}")
+            if (row["user_id"], row["key_id"]) != (hold.user_id, hold.key_id):
+                raise ValueError(f"the ticket of hold {hold.id} names another user or key than the hold")
+            was_open = self._mark_resolved(db, row, "settled")
             if not was_open:
                 # Settled after expiry (or release): charge exactly once, never release a second time.
-                connection.execute(update(HOLDS).where(HOLDS.c.id == hold.id).values(resolved_at=utcnow()))
-            self._entry(connection, hold.user_id, "charge", -priced.quota, f"charge:{hold.request_id}",
+                db.count(NOTE_LATE_SETTLE, p_id=hold.id, p_at=utcnow())
+            released = row["amount"] if was_open else 0
+            self._entry(db, hold.user_id, "charge", -priced.quota, f"charge:{hold.request_id}",
                         key_id=hold.key_id, hold_id=hold.id, usage_event_id=event_id)
-            self._move_balance(connection, hold.user_id, -priced.quota)
+            # One UPDATE moves the balance by the sum of both entries: the release (+hold) and the charge.
+            self._move_balance(db, hold.user_id, released - priced.quota)
             if row["limited_key"]:
-                connection.execute(
-                    update(KEYS).where(KEYS.c.id == hold.key_id).values(used_quota=KEYS.c.used_quota + priced.quota)
-                )
+                db.count(MOVE_KEY, p_key_id=hold.key_id, p_released=released, p_used=priced.quota)
             # A late settle (the hold expired or was released first) has nothing reserved: all of it is overage.
             return _receipt(event | {"id": event_id}, hold.amount if was_open else 0)
 
         try:
             return self._retrying(work)
         except IntegrityError:
-            with self.engine.connect() as connection:
-                existing = connection.execute(select(EVENTS).where(EVENTS.c.request_id == hold.request_id)).mappings().first()
-                reserved = _reserved(connection, hold)
+            first = select(EVENTS).where(EVENTS.c.request_id == hold.request_id)
+            existing, reserved = self._read(lambda db: (db.execute(first).mappings().first(), _reserved(db, hold)))
             if existing is None:
                 raise
             return _receipt_or_conflict(existing, payload, reserved)
@@ -630,70 +661,73 @@ class Meter:
     # ------------------------------------------------------------------ deferred mode
 
     def record_usage(
-        self, secret: str, request_id: str, usage: UsageRecord, *, at: datetime | None = None, outcome: str = "completed"
+        self, secret: str, request_id: str, usage: UsageRecord, *, at: datetime | None = None, outcome: str = "completed",
+        channel: str | None = None,
     ) -> Receipt:
         """Deferred mode: record a usage event without a hold; ``fold_deferred`` charges it later."""
         _identifier(request_id, "request_id")
+        if channel is not None:
+            _identifier(channel, "channel")
         moment = at or datetime.now(timezone.utc)
-        with self.engine.connect() as connection:
-            key = self._key(connection, secret, usage.model)
+        key = self._read(lambda db: self._key(db, secret, usage.model))
         priced = price(self.prices, usage, moment, key["price_group"])
         payload = _payload_hash(usage, outcome)
         event = _event_values(request_id, key["user_id"], key["id"], usage.model, key["price_group"], usage, outcome,
                               priced, payload, moment)
-        event["status"] = "pending"
+        event["status"], event["channel"] = "pending", channel
         try:
-            with self._transaction() as connection:
-                event_id = connection.execute(insert(EVENTS).values(**event)).inserted_primary_key[0]
+            event_id = self._retrying(lambda db: db.insert(INSERT_EVENT, event))
             return _receipt(event | {"id": event_id}, None)
         except IntegrityError:
-            with self.engine.connect() as connection:
-                existing = connection.execute(select(EVENTS).where(EVENTS.c.request_id == request_id)).mappings().first()
+            first = select(EVENTS).where(EVENTS.c.request_id == request_id)
+            existing = self._read(lambda db: db.execute(first).mappings().first())
             if existing is None:
                 raise
             return _receipt_or_conflict(existing, payload, None)
 
     def fold_deferred(self, limit: int = 10_000) -> int:
         """Charge pending usage events (the worker runs this every 10 s); returns how many were charged."""
-        with self.engine.connect() as connection:
-            ids = connection.execute(
-                select(EVENTS.c.id).where(EVENTS.c.status == "pending").order_by(EVENTS.c.id).limit(limit)
-            ).scalars().all()
+        pending = select(EVENTS.c.id).where(EVENTS.c.status == "pending").order_by(EVENTS.c.id).limit(limit)
+        ids = self._read(lambda db: db.execute(pending).scalars().all())
 
-        def fold(connection: Connection, event_id: int) -> int:
-            claimed = connection.execute(
+        def fold(db: Db, event_id: int) -> int:
+            claimed = db.execute(
                 update(EVENTS).where(EVENTS.c.id == event_id, EVENTS.c.status == "pending").values(status="charged")
             )
             if claimed.rowcount != 1:
                 return 0
-            row = connection.execute(select(EVENTS).where(EVENTS.c.id == event_id)).mappings().one()
-            self._lock_user(connection, row["user_id"])
-            self._entry(connection, row["user_id"], "charge", -row["quota"], f"charge:{row['request_id']}",
+            row = db.execute(select(EVENTS).where(EVENTS.c.id == event_id)).mappings().one()
+            self._lock_user(db, row["user_id"])
+            self._entry(db, row["user_id"], "charge", -row["quota"], f"charge:{row['request_id']}",
                         key_id=row["key_id"], usage_event_id=event_id)
-            self._move_balance(connection, row["user_id"], -row["quota"])
-            connection.execute(
+            self._move_balance(db, row["user_id"], -row["quota"])
+            db.execute(
                 update(KEYS).where(KEYS.c.id == row["key_id"], KEYS.c.limit_quota.is_not(None))
                 .values(used_quota=KEYS.c.used_quota + row["quota"])
             )
             return 1
 
-        return sum(self._retrying(lambda c, i=i: fold(c, i)) for i in ids)
+        return sum(self._retrying(lambda db, i=i: fold(db, i)) for i in ids)
 
     # ------------------------------------------------------------------ asyncio
 
     async def aauthorize(
         self, secret: str, request_body: dict[str, Any], request_id: str, *, model: str | None = None,
-        at: datetime | None = None,
+        at: datetime | None = None, channel: str | None = None,
     ) -> HoldTicket:
         """``authorize`` for asyncio code: runs in a worker thread, so the event loop never waits on the database."""
-        return await asyncio.to_thread(self.authorize, secret, request_body, request_id, model=model, at=at)
+        return await asyncio.to_thread(
+            self.authorize, secret, request_body, request_id, model=model, at=at, channel=channel
+        )
 
     async def asettle(
         self, hold: HoldTicket, *, response: dict[str, Any] | None = None, usage: UsageRecord | None = None,
-        stream: StreamAccumulator | StreamResult | None = None,
+        stream: StreamAccumulator | StreamResult | None = None, channel: str | None = None,
     ) -> Receipt:
         """``settle`` for asyncio code (in a worker thread)."""
-        return await asyncio.to_thread(self.settle, hold, response=response, usage=usage, stream=stream)
+        return await asyncio.to_thread(
+            self.settle, hold, response=response, usage=usage, stream=stream, channel=channel
+        )
 
     async def arelease(self, hold: HoldTicket) -> bool:
         """``release`` for asyncio code (in a worker thread)."""
@@ -705,8 +739,7 @@ class Meter:
         """Check every invariant of docs/ledger.md; the report lists each violation."""
         from metering.ledger.audit import run_audit
 
-        with self.engine.connect() as connection:
-            return AuditReport(tuple(run_audit(connection)))
+        return self._read(lambda db: AuditReport(tuple(run_audit(db.connection))))
 
 
 def _ticket(row: Any) -> HoldTicket:
@@ -714,13 +747,17 @@ def _ticket(row: Any) -> HoldTicket:
         id=row["id"], request_id=row["request_id"], user_id=row["user_id"], key_id=row["key_id"], model=row["model"],
         price_group=row["price_group"], amount=row["amount"], prompt_tokens=row["prompt_tokens"],
         prompt_source=row["prompt_source"], created_at=_aware(row["created_at"]), expires_at=_aware(row["expires_at"]),
+        channel=row["channel"],
     )
 
 
-def _reserved(connection: Connection, hold: HoldTicket) -> int:
+def _reserved(db: Db, hold: HoldTicket) -> int:
     """What the first settle found reserved: the hold's amount if it settled the hold, else 0 (a late settle)."""
-    status = connection.execute(select(HOLDS.c.status).where(HOLDS.c.id == hold.id)).scalar_one()
+    status = db.execute(select(HOLDS.c.status).where(HOLDS.c.id == hold.id)).scalar_one()
     return hold.amount if status == "settled" else 0
+
+
+_PAYLOAD_FIELDS = tuple(f.name for f in fields(UsageRecord) if f.name != "extra")
 
 
 def _prompt_of(hold: HoldTicket) -> PromptCount:
@@ -732,8 +769,14 @@ def _prompt_of(hold: HoldTicket) -> PromptCount:
 
 
 def _payload_hash(usage: UsageRecord, outcome: str) -> str:
-    data = usage.to_dict()
-    data.pop("extra", None)
+    """sha256 of ``usage.to_dict()`` without ``extra``, plus the outcome: what tells a retried settle from another.
+
+    Built from the fields directly: ``to_dict`` deep-copies ``extra`` (``dataclasses.asdict``), only to drop it.
+    The text hashed must never change (stored hashes are compared on every retry): a test holds it to ``to_dict``.
+    """
+    data = {name: getattr(usage, name) for name in _PAYLOAD_FIELDS}
+    data["source"] = str(usage.source)
+    data["total_input_tokens"], data["total_tokens"] = usage.total_input_tokens, usage.total_tokens
     data["outcome"] = outcome
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -748,7 +791,7 @@ def _event_values(
         "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cached_input_tokens,
         "cache_write_5m_tokens": usage.cache_write_5m_tokens, "cache_write_1h_tokens": usage.cache_write_1h_tokens,
         "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens, "images": usage.images,
-        "web_search_requests": usage.web_search_requests, "quota": priced.quota, "usd": decimal_text(priced.usd),
+        "web_search_requests": usage.web_search_requests, "channel": None, "quota": priced.quota, "usd": decimal_text(priced.usd),
         "price_version": priced.price_version.astimezone(timezone.utc).replace(tzinfo=None),
         "payload_hash": payload, "occurred_at": _naive_utc(at), "created_at": utcnow(),
     }
