@@ -21,6 +21,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_counting.py
 	$(BIN)/python bench/bench_pricing.py
+	$(BIN)/python bench/bench_ledger.py
+	$(BIN)/python bench/bench_reconcile.py
+	$(BIN)/python bench/bench_export.py
 
 # Re-pin after changing dependencies in pyproject.toml: resolves in a scratch venv, writes requirements.lock.
 lock:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 
 from metering.cli_ledger import register as register_ledger_commands
@@ -134,59 +132,6 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON li
     stdout.print(table)
 
 
-@app.command()
-def demo(
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    db: Annotated[
-        Optional[str], typer.Option("--db", help="Ledger database URL (default: a new SQLite file in a temp dir).")
-    ] = None,
-) -> None:
-    """The embedded default job: count and price the samples, then run them through the ledger and audit it."""
-    import tempfile
-
-    from metering.demo import run_demo, run_ledger_demo
-
-    samples = resources.files("metering").joinpath("samples")
-    show_progress = not (quiet or as_json) and stdout.is_terminal
-    progress = lambda items, label: track(items, description=label, disable=not show_progress)  # noqa: E731
-    results = run_demo(samples, progress)
-    with tempfile.TemporaryDirectory(prefix="metering-demo-") as scratch:
-        results["ledger"] = run_ledger_demo(samples, db or f"sqlite:///{scratch}/demo.db", progress)
-    if as_json:
-        print(json.dumps(results, ensure_ascii=False))
-        return
-    # A pipe gets 80 columns by default: give the tables room, a terminal keeps its own width.
-    out = stdout if stdout.is_terminal else Console(width=110)
-    requests = Table("sample", "model", "tokens", "source", title="Prompt counts")
-    for row in results["requests"]:
-        requests.add_row(Path(row["sample"]).stem, row["model"], str(row["prompt_tokens"]), row["source"])
-    out.print(requests)
-    streams = Table("sample", "status", "input", "cached", "output", "source", "USD", "quota", title="Stream usage, priced")
-    for row in results["streams"]:
-        usage = row["usage"]
-        streams.add_row(
-            Path(row["sample"]).stem,
-            row["status"],
-            str(usage["input_tokens"]),
-            str(usage["cached_input_tokens"]),
-            str(usage["output_tokens"]),
-            usage["source"],
-            row["priced"]["usd"],
-            str(row["priced"]["quota"]),
-        )
-    out.print(streams)
-    ledger = results["ledger"]
-    steps = Table("step", "units", title=f"Ledger ({ledger['database']})")
-    for step in ledger["steps"]:
-        steps.add_row(step["step"], f"{step['units']:+d}")
-    steps.add_row("[bold]balance[/]", f"[bold]{ledger['balance']}[/]")
-    out.print(steps)
-    out.print("audit: ok" if ledger["audit_ok"] else f"audit: VIOLATIONS {ledger['violations']}", highlight=False)
-    if not ledger["audit_ok"]:
-        raise typer.Exit(1)
-
-
 def main() -> None:
-    """Entry point for ``python -m metering``."""
+    """Entry point for ``python -m metering`` (metering's commands; ``python -m workers`` adds the worker's)."""
     app()

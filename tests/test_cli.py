@@ -13,9 +13,10 @@ import pytest
 SAMPLES = Path(__file__).resolve().parents[1] / "metering" / "samples" / "requests"
 
 
-def metering(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def metering(*args: str, stdin: str | None = None, module: str = "metering") -> subprocess.CompletedProcess[str]:
+    """``python -m metering ARGS``; ``module="workers"``: the whole command line (the console script's)."""
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "metering", *args], input=stdin, capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True, env=env)
 
 
 def test_count_json_for_the_cookbook_sample() -> None:
@@ -80,10 +81,15 @@ def test_image_size_option_makes_a_remote_image_exact() -> None:
     assert payload["image_tokens"] == 765 and payload["source"] == "local"  # OpenAI doc: 1024x1024 high = 765
 
 
-@pytest.mark.parametrize("command", [[], ["count"], ["models"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["count"], ["models"]])
 def test_every_command_has_help(command: list[str]) -> None:
     out = metering(*command, "--help")
     assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_demo_lives_in_workers() -> None:
+    assert metering("demo", "--help", module="workers").returncode == 0
+    assert metering("demo", "--help").returncode != 0  # metering cannot import workers: the demo moved there
 
 
 def test_models_json_lists_the_table() -> None:
@@ -93,8 +99,8 @@ def test_models_json_lists_the_table() -> None:
     assert by_name["claude-3-opus"]["claude_safety_factor"] == "1.35"
 
 
-def test_demo_json_counts_and_replays_the_samples() -> None:
-    out = metering("demo", "--json")
+def test_demo_json_counts_and_replays_the_samples(tmp_path: Path) -> None:
+    out = metering("demo", "--json", "--days", "1", "--out", str(tmp_path), module="workers")
     assert out.returncode == 0, out.stderr
     payload = json.loads(out.stdout)
     by_sample = {row["sample"]: row for row in payload["requests"]}
@@ -111,7 +117,9 @@ def test_demo_json_counts_and_replays_the_samples() -> None:
     assert ledger["balance"] == 5_100_000 - charged
 
 
-def test_demo_plain_output_is_quiet_when_not_a_terminal() -> None:
-    out = metering("demo")
+def test_demo_plain_output_is_quiet_when_not_a_terminal(tmp_path: Path) -> None:
+    out = metering("demo", "--days", "1", "--out", str(tmp_path), module="workers")
     assert out.returncode == 0, out.stderr
     assert "Prompt counts" in out.stdout and "Counting sample requests" not in out.stdout
+    assert "Day closes" in out.stdout and "Summary" in out.stdout and "audit" in out.stdout
+    assert "Traffic, day" not in out.stdout + out.stderr  # no progress bar off a terminal

@@ -1,0 +1,336 @@
+"""The top of the ``metering`` command line: metering's commands plus worker, reconcile, report, export, demo.
+
+Data flows pricing <- metering <- workers, so ``metering`` cannot register commands that need workers: this
+module takes metering's ``app`` and adds them; the console script is ``workers.cli:app`` and
+``python -m workers`` runs it (``python -m metering`` still runs metering's own commands).
+
+Bad input (a bad day, --from after --to, an unknown --by field or time zone) prints
+``error: <field>: ...`` on stderr and exits 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from metering.cli import app
+from metering.cli_ledger import DbOption, JsonOption, PricesOption
+from workers.calendar import TZ_ENV, BusinessCalendar, parse_day
+from workers.export import KINDS
+from workers.progress import row_bar, showing, stage_bars
+from workers.report_options import BY_FIELDS, FORMATS
+
+stdout = Console()
+stderr = Console(stderr=True)
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+#: The export library's argument names -> the command line's.
+EXPORT_FIELDS = {"kind": "kind", "start": "--from", "end": "--to", "out": "--out"}
+
+TzOption = Annotated[
+    Optional[str],
+    typer.Option("--tz", help=f"Business time zone (default: ${TZ_ENV}, else Asia/Shanghai).", show_default=False),
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
+FromOption = Annotated[str, typer.Option("--from", help="First business day, YYYY-MM-DD.", show_default=False)]
+ToOption = Annotated[str, typer.Option("--to", help="Last business day (included), YYYY-MM-DD.", show_default=False)]
+
+
+# ---------------------------------------------------------------------- plumbing
+
+
+def fail(field: str, message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print ``error: field: message`` on stderr and exit ``code`` (2: bad input)."""
+    stderr.print(f"[bold red]error:[/] {escape(field)}: {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _calendar(tz: str | None) -> BusinessCalendar:
+    try:
+        return BusinessCalendar.from_env(tz)
+    except ValueError as exc:
+        fail("--tz" if tz else TZ_ENV, str(exc).removeprefix("time zone: "))
+
+
+def _day(text: str, field: str) -> date:
+    try:
+        return parse_day(text, field)
+    except ValueError as exc:
+        fail(field, str(exc).removeprefix(f"{field}: "))
+
+
+def _range(start: str, end: str) -> tuple[date, date]:
+    first, last = _day(start, "--from"), _day(end, "--to")
+    if first > last:
+        fail("--from", f"{first} is after --to {last}")
+    return first, last
+
+
+def _prices(path: Path | None) -> Any:
+    from pricing.errors import BillingError
+    from pricing.table import load_price_table
+
+    try:
+        return load_price_table(path)
+    except (BillingError, OSError) as exc:
+        fail("--prices", str(exc))
+
+
+def _open_meter(db: str | None, prices: Path | None = None) -> Any:
+    """The ledger (schema brought to head); an unreachable or broken database exits 2 naming --db."""
+    from metering.cli_ledger import _handled, _message
+    from metering.ledger import Meter
+    from metering.ledger.database import database_url
+
+    table = _prices(prices)
+    try:
+        return Meter.open(database_url(db), prices=table)
+    except _handled() as exc:
+        fail("--db", _message(exc))
+
+
+def _emit(payload: Any) -> None:
+    print(json.dumps(payload, ensure_ascii=False, default=str))
+
+
+def _wide() -> Console:
+    """The terminal as it is; a pipe gets room for the tables (rich would give it 80 columns)."""
+    return stdout if stdout.is_terminal else Console(width=120)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our own lines at INFO; the libraries' (alembic, APScheduler's "Running job" every 10 s) only from WARNING.
+    logging.getLogger("metering").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+# ---------------------------------------------------------------------- worker
+
+
+@app.command()
+def worker(
+    once: Annotated[bool, typer.Option("--once", help="Run every job that is due once, then exit (cron, CronJobs).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Directory for the nightly CSV exports.")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Post the re-pricing adjustments of each close.")] = False,
+    db: DbOption = None,
+    tz: TzOption = None,
+    prices: PricesOption = None,
+    quiet: QuietOption = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --once: print one JSON object of what ran.")] = False,
+) -> None:
+    """Keep the books: fold deferred usage (10 s), expire holds (1 min), close days at 00:10 and export them."""
+    from workers.jobs import Worker
+
+    if as_json and not once:
+        fail("--json", "only with --once (the long-running worker logs to stderr)")
+    if out is not None and out.exists() and not out.is_dir():
+        fail("--out", f"{out} is not a directory")
+    calendar = _calendar(tz)
+    _setup_logging(quiet)
+    meter = _open_meter(db, prices)
+    try:
+        jobs = Worker(meter, calendar, out=out, apply=apply)
+        if not once:
+            from workers.scheduler import serve
+
+            raise typer.Exit(serve(jobs))
+        report = jobs.run_once()
+    finally:
+        meter.close()
+    if as_json:
+        _emit(report)
+    elif not quiet:
+        closed = ", ".join(f"{c['day']} {c['status']}" for c in report["closes"]) or "none due"
+        print(f"folded {report['folded']}, expired {report['expired']}, closes: {closed}, "
+              f"exports: {len(report['exports'])}, errors: {len(report['errors'])}")
+    if report["errors"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+# ---------------------------------------------------------------------- reconcile
+
+
+@app.command()
+def reconcile(
+    day: Annotated[
+        Optional[str], typer.Option("--day", help="Business day YYYY-MM-DD (default: yesterday).", show_default=False)
+    ] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Post adjustment entries for price discrepancies (once).")] = False,
+    db: DbOption = None,
+    tz: TzOption = None,
+    prices: PricesOption = None,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Close one business day: re-price, audit tokens and invariants, roll up; report (or --apply) differences."""
+    calendar = _calendar(tz)
+    today = calendar.today()
+    target = _day(day, "--day") if day is not None else today - timedelta(days=1)
+    if target >= today:
+        fail("--day", f"{target} is not over yet in {calendar.time_zone} (today is {today})")
+    from workers.close import reconcile as reconcile_day
+
+    meter = _open_meter(db, prices)
+    try:
+        with stage_bars(stderr, showing(stdout, quiet or as_json)) as progress:
+            result = reconcile_day(meter, target, calendar=calendar, apply=apply, progress=progress)
+    finally:
+        meter.close()
+    payload = result.to_dict()
+    if as_json:
+        _emit(payload)
+    else:
+        _print_close(payload)
+    if result.status not in ("closed", "already_closed"):  # incomplete, busy or blocked: nothing written
+        stderr.print(f"error: {target}: {result.status}: {result.detail}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_close(payload: dict[str, Any]) -> None:
+    print(f"{payload['day']}: {payload['status']}", end="")
+    if payload.get("events") is not None:
+        print(f", {payload['events']} events ({payload.get('late_events', 0)} late)", end="")
+    discrepancies = payload.get("discrepancies") or {}
+    shown = ", ".join(f"{kind} {count}" for kind, count in sorted(discrepancies.items())) or "none"
+    print(f"; discrepancies: {shown}; adjustments posted: {payload.get('adjustments_posted', 0)}")
+    totals = payload.get("totals") or {}
+    if totals:
+        table = Table("total", "value")
+        for name, value in totals.items():
+            table.add_row(str(name), str(value))
+        _wide().print(table)
+
+
+# ---------------------------------------------------------------------- report
+
+
+@app.command()
+def report(
+    start: FromOption,
+    end: ToOption,
+    by: Annotated[str, typer.Option("--by", help=f"Group by, comma-separated: {', '.join(BY_FIELDS)}.")] = "day",
+    fmt: Annotated[str, typer.Option("--format", help=f"{' | '.join(FORMATS)}.")] = "table",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write to this file (default: stdout).")] = None,
+    db: DbOption = None,
+    tz: TzOption = None,
+    prices: PricesOption = None,
+) -> None:
+    """Summaries of the closed days: daily totals, invoices, per-model usage, discrepancies, margin (HTML with charts)."""
+    first, last = _range(start, end)
+    from workers.errors import InvalidArgument
+    from workers.report import build_report, check_by, render
+
+    try:
+        fields = check_by([field.strip() for field in by.split(",") if field.strip()])
+    except InvalidArgument as exc:
+        fail("--by", exc.message)
+    if fmt not in FORMATS:
+        fail("--format", f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if out is not None and out.is_dir():
+        fail("--out", f"{out} is a directory")
+    if out is not None and not out.parent.is_dir():
+        fail("--out", f"the directory {out.parent} does not exist")
+    calendar = _calendar(tz)
+    meter = _open_meter(db, prices)
+    try:
+        rendered = render(build_report(meter.engine, meter.prices, first, last, by=fields, calendar=calendar), fmt)
+    except InvalidArgument as exc:
+        fail(f"--{exc.field}", exc.message)
+    finally:
+        meter.close()
+    if out is not None:
+        from workers.atomic_file import write_atomically
+
+        write_atomically(out, rendered.encode("utf-8") if isinstance(rendered, str) else rendered)
+    elif isinstance(rendered, bytes):
+        sys.stdout.buffer.write(rendered)
+    else:
+        sys.stdout.write(rendered if rendered.endswith("\n") else rendered + "\n")
+
+
+# ---------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    kind: Annotated[str, typer.Argument(help=f"What to export: {' | '.join(KINDS)}.", show_default=False)],
+    start: FromOption,
+    end: ToOption,
+    out: Annotated[Path, typer.Option("--out", help="The CSV file to write (a PATH.manifest.json beside it).")],
+    excel: Annotated[bool, typer.Option("--excel", help="UTF-8 with a BOM, for Excel in Chinese locales.")] = False,
+    db: DbOption = None,
+    tz: TzOption = None,
+    quiet: QuietOption = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Write a CSV export with stable columns, atomically, beside its manifest (rows, totals, sha256)."""
+    if kind not in KINDS:
+        fail("kind", f"unknown export {kind!r} (choose from {', '.join(KINDS)})")
+    first, last = _range(start, end)
+    if out.is_dir():
+        fail("--out", f"{out} is a directory: give the CSV file's path")
+    calendar = _calendar(tz)
+    from workers.errors import InvalidArgument
+    from workers.export import check_request, export as write_export
+
+    try:
+        check_request(kind, first, last, out)
+    except InvalidArgument as exc:
+        fail(EXPORT_FIELDS.get(exc.field, exc.field), exc.message)
+    meter = _open_meter(db)
+    try:
+        with row_bar(stderr, showing(stdout, quiet or as_json), f"{kind} rows") as progress:
+            manifest = write_export(meter.engine, kind, first, last, out, calendar=calendar, excel=excel, progress=progress)
+    finally:
+        meter.close()
+    if as_json:
+        _emit(manifest)
+    elif not quiet:
+        print(f"wrote {out}: {manifest.get('rows')} rows, sha256 {manifest.get('sha256')}")
+
+
+# ---------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    days: Annotated[int, typer.Option("--days", min=1, max=31, help="Days of gateway traffic to simulate.")] = 3,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the database, reports and CSVs.")] = Path("demo-out"),
+    db: Annotated[
+        Optional[str], typer.Option("--db", help="An empty database URL (default: a new SQLite file in --out).")
+    ] = None,
+    quiet: QuietOption = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The main job: sample counts, then days of realistic traffic through the ledger, closed, reported, exported."""
+    from workers.demo import DemoError, run_demo
+    from workers.demo_output import print_demo
+
+    if out.exists() and not out.is_dir():
+        fail("--out", f"{out} is not a directory")
+    try:
+        with stage_bars(stderr, showing(stdout, quiet or as_json)) as progress:
+            results = run_demo(days=days, out=out, db=db, progress=progress)
+    except DemoError as exc:
+        fail(exc.field, str(exc))
+    if as_json:
+        _emit(results)
+    else:
+        print_demo(_wide(), results)
+    if not (results["ledger"]["audit_ok"] and results["summary"]["audit_ok"]):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def main() -> None:
+    """Entry point for ``python -m workers``."""
+    app()
