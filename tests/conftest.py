@@ -21,4 +21,4 @@ def no_outside_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
 
 
-from tests.databases import ledger_url, server_databases  # noqa: E402,F401  (fixtures for every test module)
+from tests.databases import ledger_url, meter, server_databases  # noqa: E402,F401  (fixtures for every test module)

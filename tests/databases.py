@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from metering.ledger.database import normalize_url
+
+if TYPE_CHECKING:
+    from metering.ledger.meter import Meter
 
 SERVER_URLS = {
     "postgresql": os.environ.get("METERING_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
@@ -79,6 +83,18 @@ def fresh_database(backend: str, server_databases: dict[str, str | Exception], t
             connection.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return made
+
+
+@pytest.fixture
+def meter(ledger_url: str) -> Iterator["Meter"]:
+    """A Meter on an empty database of each backend."""
+    from metering.ledger.meter import Meter
+
+    opened = Meter.open(ledger_url)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -35,13 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DAY1, DAY2, DAY3 = FIRST_DAY, FIRST_DAY + timedelta(days=1), FIRST_DAY + timedelta(days=2)
 
 
-@pytest.fixture
-def meter(ledger_url: str):  # type: ignore[no-untyped-def]
-    opened = Meter.open(ledger_url)
-    yield opened
-    opened.close()
-
-
 def rows(meter: Meter, sql: str, **params: Any) -> list[dict[str, Any]]:
     with meter.engine.connect() as connection:
         return [dict(r) for r in connection.execute(text(sql), params).mappings()]

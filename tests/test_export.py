@@ -49,13 +49,6 @@ TOKENS = ("input_tokens", "cached_input_tokens", "cache_write_5m_tokens", "cache
 
 
 @pytest.fixture
-def meter(ledger_url: str):  # type: ignore[no-untyped-def]
-    opened = Meter.open(ledger_url)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
 def closed(meter: Meter) -> Meter:
     """Six customers, two days of traffic, both days closed."""
     booked_and_closed(meter)

@@ -86,14 +86,6 @@ def usage(input_tokens: int, output_tokens: int, cached: int = 0) -> UsageRecord
 
 
 @pytest.fixture
-def meter(ledger_url: str) -> Any:
-    """A Meter on an empty database of each backend."""
-    m = Meter.open(ledger_url)
-    yield m
-    m.close()
-
-
-@pytest.fixture
 def sqlite_meter(tmp_path: Any) -> Any:
     """A Meter on an empty SQLite file (behaviour that is not database-specific)."""
     m = Meter.open(f"sqlite:///{tmp_path}/ledger.db")

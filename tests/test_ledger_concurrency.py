@@ -208,15 +208,6 @@ def _assert_audit_ok(meter: Meter) -> None:
     assert report.ok, report.violations
 
 
-@pytest.fixture
-def meter(ledger_url: str) -> Iterator[Meter]:
-    opened = Meter.open(ledger_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
 def _dry_hold(meter: Meter, secret: str, user_id: int) -> int:
     """The hold of BODY, measured: authorize then release (the balance is back where it was)."""
     before = meter.balance(user_id)

@@ -39,13 +39,6 @@ DAY3 = DAY2 + timedelta(days=1)
 
 
 @pytest.fixture
-def meter(ledger_url: str):  # type: ignore[no-untyped-def]
-    opened = Meter.open(ledger_url)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
 def closed(meter: Meter) -> Meter:
     """Six customers, two days of traffic, both days closed."""
     booked_and_closed(meter)
