@@ -33,6 +33,7 @@ from workers.lease import claim
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY1, DAY2, DAY3 = FIRST_DAY, FIRST_DAY + timedelta(days=1), FIRST_DAY + timedelta(days=2)
+DAYS = tuple(FIRST_DAY + timedelta(days=n) for n in range(5))  # the kill test's days: work left for every kill
 
 
 def rows(meter: Meter, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -261,8 +262,16 @@ from workers.close import close_due_days
 meter = Meter.open(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.readline()
+started = []
+
+def progress(*_):  # tell the parent the close is under way (once), then go slowly
+    if not started:
+        started.append(True)
+        print("busy", flush=True)
+    time.sleep(0.05)
+
 close_due_days(meter, calendar=CALENDAR, now=datetime.fromisoformat(sys.argv[2]), lease=timedelta(seconds=1),
-               progress=lambda *_: time.sleep(0.05))
+               progress=progress)
 print("done", flush=True)
 """
 
@@ -314,27 +323,32 @@ def test_kill_9_at_random_points_of_a_close_then_a_rerun_equals_one_clean_run(tw
     for url in (clean_url, killed_url):  # the same seeded traffic, row for row, in both databases
         booked = Meter.open(url)
         secrets = book_customers(booked)
-        for day in (DAY1, DAY2, DAY3):
+        for day in DAYS:
             book_day(booked, secrets, day, 12, seed=8)
         booked.authorize(secrets[0], body("gpt-4o", 2), "left-open", at=moment(DAY3, 80_000))  # expires at the close
         booked.close()
-    now = after(DAY3)
+    now = after(DAYS[-1])
     clean = Meter.open(clean_url)
     close_due_days(clean, calendar=CALENDAR, now=now)
     clean.close()
     rng = random.Random(20261128)
     kills = 0
-    for _ in range(5):
+    for _ in range(8):
         worker = _spawn(KILLABLE, killed_url, now.isoformat())
-        assert worker.stdin is not None
+        assert worker.stdin is not None and worker.stdout is not None
         worker.stdin.write("go\n")
         worker.stdin.flush()
-        time.sleep(rng.uniform(0.05, 0.8))
+        if worker.stdout.readline().strip() != "busy":  # nothing left to close
+            worker.communicate(timeout=60)
+            break
+        time.sleep(rng.uniform(0.0, 0.4))  # a seeded random point of the close under way
         if worker.poll() is None:
             worker.send_signal(signal.SIGKILL)
             kills += 1
         worker.communicate(timeout=60)
         time.sleep(1.1)  # the killed worker's 1 s lease lapses
+        if kills == 4:
+            break
     assert kills >= 3, "the kills should land while the close runs"
     rerun = Meter.open(killed_url)
     close_due_days(rerun, calendar=CALENDAR, now=now)
