@@ -5,10 +5,11 @@ Figures (issue 5, "Scale"; see BENCHMARKS.md, "Reconcile"):
 1. Seconds of ``workers.close.close_day(meter, day, calendar=BusinessCalendar(), now=...)`` on a day of
    1,000,000 usage events (and of 3,000,000 with ``--also-3m``, the default), on SQLite (a WAL file, the
    engine of ``metering.ledger.database``) and on PostgreSQL (psycopg 3): the whole close, i.e. expiring
-   and folding (nothing to do), the watermark, one streamed pass that re-prices every event and rolls it
-   up, the token audit against the holds, the failed and expired holds, the paid rates, the ledger's
-   invariant audit (``metering.ledger.audit.run_audit``, over the whole database) and the fenced write.
-   Per-event cost = close seconds / events; peak RSS = ``ru_maxrss`` of the process that ran the close.
+   and folding (nothing to do), the watermark, re-pricing every event and rolling it up, the token audit
+   against the holds, the failed and expired holds, the paid rates, the ledger's invariants (the checks
+   of ``metering.ledger.audit.run_audit``, over the whole database) and the fenced write. Per-event cost =
+   close seconds / events; peak RSS = ``ru_maxrss`` of the process that ran the close (cross-checked with
+   its ``VmHWM``); close CPU = that process's user + system time during the close, all threads.
 2. The floor, measured in the same process: one bare SQL GROUP BY over the same rows with the raw driver
    (sqlite3 / psycopg), ``SELECT user_id, key_id, model, channel, price_group, count(*), sum(<each token
    kind>), sum(quota) FROM usage_events WHERE occurred_at in the day GROUP BY user_id, key_id, model,
@@ -24,19 +25,25 @@ price table (skewed weights) over 4 configured channels, an unconfigured one and
 one of 400 usage shapes per model, priced once per shape with ``pricing.quote.quota`` and
 ``pricing.quote.price`` (Claude shapes include cache writes, web searches and a few long-context ones),
 3 % aborted streams, 8 % local or estimated counts. 3,000 holds (2,000 settled into events, 700 released,
-300 expired), each with its hold and release entries; every event has its charge entry; balances and the
+300 expired; ``--settled-holds N`` settles N events through holds instead, N = the event count for a
+gateway that holds every request), each with its hold and release entries; every event has its charge
+entry; balances and the
 limited keys' counters are exact, so the invariant audit is clean. Planted: 7 events charged one unit
 more than they re-price to (price discrepancies) and 11 settled holds whose local prompt count is far
 from the upstream's (token discrepancies). Every round checks the close's recorded summary against the
 generated figures (events, requests, succeeded/failed/aborted, tokens, quota, USD, discrepancies by kind).
 
-Each round runs in a fresh child process (so its ``ru_maxrss`` is the close's own): the close and the
-floor, in alternating order over rounds; the day is reopened (its roll-up, discrepancies and day row
+The data is written by a child process, and each round runs in another fresh child: a child inherits
+its parent's ``ru_maxrss`` across fork and exec, so the process that starts them stays small and the
+round's ``ru_maxrss`` is the close's own. A round runs the close and the floor, in alternating order; the day is reopened (its roll-up, discrepancies and day row
 deleted) before each round. A figure is the median over rounds; peak RSS is the highest over rounds.
 The LAST line of stdout is one JSON object. Exits 1 on a correctness failure.
 
     .venv/bin/python bench/bench_reconcile.py [--quick] [--events N] [--also-3m/--no-3m] [--rounds R]
-        [--databases sqlite,postgresql] [--profile] [--json-only]
+        [--databases sqlite,postgresql] [--settled-holds N] [--profile] [--json-only]
+
+PostgreSQL: a scratch database ``metering_bench_reconcile`` on METERING_BENCH_POSTGRES_URL's server
+(default postgresql://postgres@127.0.0.1:5432/test), created and dropped by the run; SQLite: a temp file.
 """
 
 from __future__ import annotations
@@ -511,6 +518,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             out["rss_after_floor_mb"] = mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             continue
         profiler = cProfile.Profile() if spec.get("profile") else None
+        used = resource.getrusage(resource.RUSAGE_SELF)
         began = time.perf_counter()
         if profiler:
             profiler.enable()
@@ -518,6 +526,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         if profiler:
             profiler.disable()
         out["close_s"] = time.perf_counter() - began
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        out["close_cpu_s"] = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
         out["rss_after_close_mb"] = mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         out["status"], out["detail"] = result.status, result.detail
         if profiler:
@@ -605,7 +615,8 @@ def bench_size(kind: str, events: int, args: argparse.Namespace, say: Any, figur
                 print(f"RECONCILE CHECK FAILED: {line}", file=sys.stderr, flush=True)
             problems += found
             runs.append(run)
-            say(f"  round {r + 1} {kind:10} {label(events):>4}: close {run['close_s']:6.2f} s, floor {run['floor_s']:5.2f} s "
+            say(f"  round {r + 1} {kind:10} {label(events):>4}: close {run['close_s']:6.2f} s (CPU {run['close_cpu_s']:.1f}), "
+                f"floor {run['floor_s']:5.2f} s "
                 f"({run['floor_groups']} groups), peak RSS {run['peak_rss_mb']:.0f} MB (VmHWM {run['vm_hwm_mb']}, ready {run['rss_ready_mb']:.0f})"
                 f"  [{' then '.join(order)}]")
             if "profile" in run:
@@ -621,9 +632,11 @@ def bench_size(kind: str, events: int, args: argparse.Namespace, say: Any, figur
         f"{key}_ready_rss_mb": max(r["rss_ready_mb"] for r in runs),
         f"{key}_vm_hwm_mb": max((r["vm_hwm_mb"] or 0) for r in runs),
         f"{key}_close_s_rounds": [round(r["close_s"], 2) for r in runs],
+        f"{key}_close_cpu_s": round(statistics.median(r["close_cpu_s"] for r in runs), 2),
         f"{key}_time_met": per_event <= SECONDS_PER_EVENT_TARGET * 1e6, f"{key}_rss_met": peak <= RSS_TARGET_MB,
     })
-    say(f"  {kind:10} {label(events):>4}: close {close_s:6.2f} s ({per_event:.2f} us/event), floor {floor_s:5.2f} s, "
+    say(f"  {kind:10} {label(events):>4}: close {close_s:6.2f} s ({per_event:.2f} us/event, CPU {figures[f'{key}_close_cpu_s']:.1f} s), "
+        f"floor {floor_s:5.2f} s, "
         f"close/floor {close_s / floor_s:5.1f}, peak RSS {peak:.0f} MB  (targets: <= {SECONDS_PER_EVENT_TARGET * 1e6:.0f} "
         f"us/event: {'MET' if figures[f'{key}_time_met'] else 'NOT MET'}; <= {RSS_TARGET_MB} MB: "
         f"{'MET' if figures[f'{key}_rss_met'] else 'NOT MET'})")
@@ -677,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "sqlite": sqlite3.sqlite_version, "psycopg": psycopg.__version__, "quick": args.quick, "rounds": args.rounds,
         "sizes": sizes, "day": DAY.isoformat(), "time_zone": TIME_ZONE, "scan_workers": scan_workers(),
-        "settled_holds": args.settled_holds,
+        "settled_holds": args.settled_holds, "load_average_start": list(os.getloadavg()),
         "targets": {"us_per_event": SECONDS_PER_EVENT_TARGET * 1e6, "peak_rss_mb": RSS_TARGET_MB,
                     "linear_tolerance": LINEAR_TOLERANCE},
     }
@@ -702,6 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures["all_met"] = bool(met) and all(met)
     figures["check_failures"] = len(problems)
     figures["elapsed"] = round(time.perf_counter() - started, 1)
+    figures["load_average_end"] = list(os.getloadavg())
     verdict = ("nothing measured" if not met else "targets MET everywhere measured" if figures["all_met"]
                else "targets NOT MET somewhere (see above)")
     say(f"{len(problems)} CHECK FAILURE(S)" if problems else f"ALL CHECKS OK: every close recorded the generated totals "

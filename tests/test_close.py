@@ -255,7 +255,8 @@ KILLABLE = """
 import sys, time
 from datetime import datetime, timedelta
 import workers.rollup
-workers.rollup.BATCH = 2  # many small batches: many points where the kill can land
+workers.rollup.BATCH = 2  # many small batches and slices: many points where the kill can land
+workers.rollup.SLICE_EVENTS = 2
 from metering.ledger.meter import Meter
 from tests.traffic import CALENDAR
 from workers.close import close_due_days
