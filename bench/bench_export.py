@@ -8,14 +8,15 @@
    SQLAlchemy for SQLite) run with the bare sqlite3 driver, streamed with ``fetchmany(10000)`` straight
    into ``csv.writer`` on a file: no transformation, no neutralization, no hashing, no fsync; with the
    cycle collector paused, as the export pauses it.
-3. ``workers.export.export(engine, "usage", ...)`` of the three days, and of one day (a third of the
-   rows: the peak RSS must not grow with the rows), and the same export with pandas ``DataFrame.to_csv``
-   per chunk instead of csv.writer (the writer comparison).
+3. ``workers.export.export(engine, "usage", ...)`` of the three days as ``metering export`` runs it
+   (``jobs=None``: one worker process per core, at most 4, on a range this large), the same with
+   ``jobs=1`` (this process only), and the parallel export of one day (a third of the rows: the peak RSS
+   must not grow with the rows). The two exports must write the same file.
 
 Each measurement runs in its own child process, so each peak RSS (``VmHWM``) is that run's alone;
 export and floor alternate (ABBA over ``--rounds``) and a figure is the median. The export's manifest
-is checked: rows, sha256 of the file, quota total against SQL ``SUM``. Target (issue 5): 1,000,000
-rows in at most 10 s, flat memory. The LAST line of stdout is one JSON object.
+is checked: rows, sha256 of the file, quota total against SQL ``SUM``. Peak RSS of the workers: the
+largest child's ``ru_maxrss``. Target (issue 5): 1,000,000 rows in at most 10 s, flat memory. The LAST line of stdout is one JSON object.
 
     .venv/bin/python bench/bench_export.py [--rows N] [--rounds R] [--db PATH] [--keep]
 """
@@ -141,27 +142,20 @@ def measure_floor(db: Path, out: Path, last: date) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "rows": rows}
 
 
-def measure_export(db: Path, out: Path, last: date, writer: str) -> dict[str, Any]:
-    """``workers.export.export`` of the usage rows (``writer``: csv, or pandas to_csv per chunk)."""
+def measure_export(db: Path, out: Path, last: date, jobs: int | None) -> dict[str, Any]:
+    """``workers.export.export`` of the usage rows with ``jobs`` processes (None: as the command line does)."""
     from metering.ledger.database import make_engine
     from workers.calendar import BusinessCalendar
     from workers.export import export
 
-    if writer == "pandas":
-        import pandas as pd
-
-        from workers.csv_writer import CsvChunkWriter
-
-        def pandas_rows(self: CsvChunkWriter, rows: Any) -> bytes:
-            return pd.DataFrame(list(rows)).to_csv(header=False, index=False, lineterminator="\r\n").encode("utf-8")
-
-        CsvChunkWriter.encode_rows = pandas_rows  # type: ignore[method-assign]
     engine = make_engine(f"sqlite:///{db}")
     started = time.perf_counter()
-    manifest = export(engine, "usage", FIRST_DAY, last, out, calendar=BusinessCalendar(TIME_ZONE))
+    manifest = export(engine, "usage", FIRST_DAY, last, out, calendar=BusinessCalendar(TIME_ZONE), jobs=jobs)
     seconds = time.perf_counter() - started
     engine.dispose()
-    return {"seconds": seconds, "rows": manifest["rows"], "manifest": manifest}
+    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker, if any
+    return {"seconds": seconds, "rows": manifest["rows"], "manifest": manifest,
+            "workers_peak_rss_mb": round(workers_peak, 1)}
 
 
 def measure_baseline() -> dict[str, Any]:
@@ -180,7 +174,7 @@ def child(args: argparse.Namespace) -> None:
     elif args.child == "baseline":
         result = measure_baseline()
     else:
-        result = measure_export(db, out, last, args.child.removeprefix("export-"))
+        result = measure_export(db, out, last, None if args.child == "export" else 1)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
@@ -249,41 +243,49 @@ def main() -> None:
     export_csv, floor_csv = work / "usage.csv", work / "floor.csv"
 
     baseline = run_child("baseline", db, export_csv, last)
-    exports, floors = [], []
+    exports, singles, floors = [], [], []
     for round_number in range(args.rounds):
-        order = ("export-csv", "floor") if round_number % 2 == 0 else ("floor", "export-csv")
+        order = ("export", "export-1", "floor") if round_number % 2 == 0 else ("floor", "export-1", "export")
         for kind in order:
-            result = run_child(kind, db, export_csv if kind != "floor" else floor_csv, last)
-            (exports if kind != "floor" else floors).append(result)
-            print(f"{kind:>12}: {result['seconds']:6.2f} s, {result['rows']:,} rows, peak RSS {result['peak_rss_mb']} MB",
-                  flush=True)
-    problems = check_manifest(db, export_csv, exports[-1]["manifest"], rows)
-    one_day = run_child("export-csv", db, work / "one-day.csv", FIRST_DAY)
-    print(f"{'one day':>12}: {one_day['seconds']:6.2f} s, {one_day['rows']:,} rows, peak RSS {one_day['peak_rss_mb']} MB")
-    pandas = run_child("export-pandas", db, work / "pandas.csv", last)
-    print(f"{'pandas':>12}: {pandas['seconds']:6.2f} s, {pandas['rows']:,} rows, peak RSS {pandas['peak_rss_mb']} MB")
-    if pandas["manifest"]["totals"] != exports[-1]["manifest"]["totals"]:
-        problems.append("the pandas writer's totals differ")
+            result = run_child(kind, db, floor_csv if kind == "floor" else export_csv, last)
+            {"export": exports, "export-1": singles, "floor": floors}[kind].append(result)
+            workers = f", workers' peak RSS {result['workers_peak_rss_mb']} MB" if kind == "export" else ""
+            print(f"{kind:>12}: {result['seconds']:6.2f} s, {result['rows']:,} rows, peak RSS {result['peak_rss_mb']} MB"
+                  f"{workers}", flush=True)
+            if kind != "floor":
+                problems = check_manifest(db, export_csv, result["manifest"], rows)
+                if problems:
+                    print(f"{kind}: {problems}", file=sys.stderr)
+                    sys.exit(1)
+    if exports[-1]["manifest"]["sha256"] != singles[-1]["manifest"]["sha256"]:
+        problems.append("one process and several wrote different files")
+    one_day = run_child("export", db, work / "one-day.csv", FIRST_DAY)
+    print(f"{'one day':>12}: {one_day['seconds']:6.2f} s, {one_day['rows']:,} rows, peak RSS {one_day['peak_rss_mb']} MB, "
+          f"workers' {one_day['workers_peak_rss_mb']} MB")
 
     export_s = statistics.median(r["seconds"] for r in exports)
+    single_s = statistics.median(r["seconds"] for r in singles)
     floor_s = statistics.median(r["seconds"] for r in floors)
     scaled_target = TARGET_SECONDS * rows / 1_000_000
     summary = {
         "bench": "export", "rows": rows, "database": "sqlite", "machine": platform.machine(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "generated_seconds": None if generated is None else round(generated, 2),
-        "export_seconds": round(export_s, 2), "floor_seconds": round(floor_s, 2),
-        "export_over_floor": round(export_s / floor_s, 2), "rows_per_second": round(rows / export_s),
+        "export_seconds": round(export_s, 2), "one_process_seconds": round(single_s, 2),
+        "floor_seconds": round(floor_s, 2), "export_over_floor": round(export_s / floor_s, 2),
+        "one_process_over_floor": round(single_s / floor_s, 2), "rows_per_second": round(rows / export_s),
         "target_seconds": round(scaled_target, 2), "target_met": export_s <= scaled_target,
         "peak_rss_mb": {"baseline": baseline["peak_rss_mb"], "export": max(r["peak_rss_mb"] for r in exports),
-                        "export_one_day": one_day["peak_rss_mb"], "floor": max(r["peak_rss_mb"] for r in floors),
-                        "export_pandas": pandas["peak_rss_mb"]},
+                        "export_workers": max(r["workers_peak_rss_mb"] for r in exports),
+                        "one_process": max(r["peak_rss_mb"] for r in singles),
+                        "export_one_day": one_day["peak_rss_mb"], "floor": max(r["peak_rss_mb"] for r in floors)},
         "one_day_rows": one_day["rows"], "one_day_seconds": round(one_day["seconds"], 2),
-        "pandas_to_csv_seconds": round(pandas["seconds"], 2), "csv_bytes": exports[-1]["manifest"]["bytes"],
-        "runs": {"export": [round(r["seconds"], 2) for r in exports], "floor": [round(r["seconds"], 2) for r in floors]},
+        "csv_bytes": exports[-1]["manifest"]["bytes"],
+        "runs": {"export": [round(r["seconds"], 2) for r in exports], "one_process": [round(r["seconds"], 2) for r in singles],
+                 "floor": [round(r["seconds"], 2) for r in floors]},
         "load_average": [round(x, 2) for x in os.getloadavg()], "ok": not problems, "problems": problems,
     }
     if not args.keep:
-        for file in (export_csv, floor_csv, work / "one-day.csv", work / "pandas.csv"):
+        for file in (export_csv, floor_csv, work / "one-day.csv"):
             file.unlink(missing_ok=True)
             Path(f"{file}.manifest.json").unlink(missing_ok=True)
         if not args.db:

@@ -38,10 +38,11 @@ from tests.billing_data import (
 )
 from workers import export as export_module
 from workers.csv_safety import neutralize, neutralize_column
-from workers.csv_writer import UTF8_BOM, CsvChunkWriter
+from workers.csv_writer import UTF8_BOM
 from workers.errors import InvalidArgument
 from workers.export import KINDS, count_rows, export, manifest_path
 from workers.export_columns import COLUMNS, column_names, columns_markdown
+from workers.export_kinds import UsagePlan
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = ("input_tokens", "cached_input_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "output_tokens",
@@ -238,27 +239,27 @@ def test_neutralize_follows_owasp_and_leaves_safe_columns_alone() -> None:
 
 def test_a_failure_mid_write_leaves_no_file_and_no_temporary(closed: Meter, folder: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    real = CsvChunkWriter.encode_rows
+    real = UsagePlan.text
     calls = {"n": 0}
 
-    def failing(self: CsvChunkWriter, rows: object) -> bytes:
+    def failing(self: UsagePlan, chunk: object) -> str:
         calls["n"] += 1
-        if calls["n"] == 3:  # the header, the first chunk, then the failure
+        if calls["n"] == 2:  # the first chunk is written, then the failure
             raise OSError("disk full")
-        return real(self, rows)  # type: ignore[arg-type]
+        return real(self, chunk)  # type: ignore[arg-type]
 
     monkeypatch.setattr(export_module, "CHUNK_ROWS", 10)
-    monkeypatch.setattr(CsvChunkWriter, "encode_rows", failing)
+    monkeypatch.setattr(UsagePlan, "text", failing)
     out = folder / "usage.csv"
     with pytest.raises(OSError, match="disk full"):
         export(closed.engine, "usage", DAY1, DAY2, out, calendar=CALENDAR)
-    assert calls["n"] == 3 and list(folder.iterdir()) == []
+    assert calls["n"] == 2 and list(folder.iterdir()) == []
     # Over an earlier export: the old file and its manifest stay, whole and matching.
-    monkeypatch.setattr(CsvChunkWriter, "encode_rows", real)
+    monkeypatch.setattr(UsagePlan, "text", real)
     old = export(closed.engine, "usage", DAY1, DAY1, out, calendar=CALENDAR)
     old_bytes = out.read_bytes()
     calls["n"] = 0
-    monkeypatch.setattr(CsvChunkWriter, "encode_rows", failing)
+    monkeypatch.setattr(UsagePlan, "text", failing)
     with pytest.raises(OSError):
         export(closed.engine, "usage", DAY1, DAY2, out, calendar=CALENDAR)
     assert out.read_bytes() == old_bytes and json.loads(manifest_path(out).read_bytes()) == old

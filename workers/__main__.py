@@ -2,4 +2,5 @@
 
 from workers.cli import main
 
-main()
+if __name__ == "__main__":  # (a spawned export worker imports this module too)
+    main()

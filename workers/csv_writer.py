@@ -11,11 +11,29 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 #: Written first under ``excel=True``: Excel in Chinese locales then reads the file as UTF-8, not GBK.
 UTF8_BOM = b"\xef\xbb\xbf"
+#: A cell csv.writer (QUOTE_MINIMAL, CRLF lines) encloses in double quotes: it holds one of these.
+_NEEDS_QUOTES = re.compile('[,"\r\n]').search
+
+
+def quote_column(values: Sequence[str | None]) -> Sequence[str]:
+    """A column of text cells as csv.writer writes them (None as empty; a cell holding , " CR or LF in
+    double quotes, its quotes doubled), decided by one regex search over the whole column."""
+    try:
+        joined = "\x00".join(values)  # type: ignore[arg-type]
+    except TypeError:  # a None among the cells
+        values = ["" if value is None else value for value in values]
+        joined = "\x00".join(values)  # type: ignore[arg-type]
+    if _NEEDS_QUOTES(joined) is None:
+        return values  # type: ignore[return-value]
+    written = {value: '"' + value.replace('"', '""') + '"' if _NEEDS_QUOTES(value) else value
+               for value in set(values)}  # type: ignore[union-attr]  # names repeat: each distinct one once
+    return list(map(written.__getitem__, values))
 
 
 class CsvChunkWriter:

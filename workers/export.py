@@ -30,7 +30,8 @@ from workers.calendar import BusinessCalendar
 from workers.csv_writer import UTF8_BOM, CsvChunkWriter
 from workers.errors import InvalidArgument
 from workers.export_columns import COLUMNS, column_names
-from workers.export_kinds import PLANS, InvoicePlan, stream_chunks
+from workers import export_parallel as parallel
+from workers.export_kinds import PLANS, InvoicePlan, UsagePlan, stream_chunks
 
 #: The export kinds.
 KINDS = tuple(COLUMNS)
@@ -65,13 +66,19 @@ def check_request(kind: str, start: date, end: date, out: Path | None = None) ->
 
 def export(
     engine: Engine, kind: str, start: date, end: date, out: Path, *, calendar: BusinessCalendar,
-    excel: bool = False, progress: Callable[[int], None] | None = None,
+    excel: bool = False, progress: Callable[[int], None] | None = None, jobs: int | None = 1,
 ) -> dict[str, Any]:
     """Write the ``kind`` export of business days ``start..end`` to ``out`` atomically; returns the manifest.
 
     ``excel`` puts a UTF-8 BOM first. ``progress(rows)`` is called after each chunk with the rows written so far.
+    ``jobs``: processes for a usage export on an SQLite file (``workers.export_parallel``). 1, the default:
+    this process only. None: the machine's cores (at most 4) once the range holds enough rows to pay for
+    starting them (the command line's default). Workers are spawned, so a script that asks for them must
+    guard its top level with ``if __name__ == "__main__":``. The bytes are the same either way.
     """
     check_request(kind, start, end, out)
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise InvalidArgument("jobs", f"expected a whole number of processes (at least 1) or None, got {jobs!r}")
     out = Path(out)
     plan = PLANS[kind](start, end, calendar)
     encoder = CsvChunkWriter()
@@ -79,13 +86,33 @@ def export(
     with AtomicFile(out) as target, cycle_collector_paused():
         target.write((UTF8_BOM if excel else b"") + encoder.encode_rows([column_names(kind)]))
         with engine.connect() as connection:
-            reader = connection.execution_options(**{READ_ONLY: True})
-            for chunk in stream_chunks(reader, plan.query(), CHUNK_ROWS):
-                lines = plan.rows(chunk)
-                target.write(encoder.encode_rows(lines))
-                rows += len(lines)
-                if progress is not None:
-                    progress(rows)
+            reader = connection.execution_options(**{READ_ONLY: True}, **_snapshot(engine))
+            wanted = parallel.default_jobs() if jobs is None else jobs
+            ranges = None
+            if isinstance(plan, UsagePlan) and wanted > 1 and parallel.usable(engine, kind):
+                ranges = parallel.slices(reader, plan, minimum_rows=parallel.PARALLEL_MIN_ROWS if jobs is None else 1)
+                reader.rollback()  # the ids are fixed: the workers read in transactions of their own
+            if ranges is not None:
+                for part in parallel.formatted(engine, (start, end, calendar.time_zone), ranges, wanted):
+                    target.write(part.data)
+                    parallel.merge_totals(plan.totals, part)
+                    rows += part.rows
+                    if progress is not None:
+                        progress(rows)
+            elif isinstance(plan, UsagePlan):
+                plan.add_totals(reader.execute(plan.totals_query()).one())  # same transaction: same rows
+                for chunk in stream_chunks(reader, plan.query(), CHUNK_ROWS):
+                    target.write(plan.text(chunk).encode("utf-8"))
+                    rows += len(chunk)
+                    if progress is not None:
+                        progress(rows)
+            else:
+                for chunk in stream_chunks(reader, plan.query(), CHUNK_ROWS):
+                    lines = plan.rows(chunk)
+                    target.write(encoder.encode_rows(lines))
+                    rows += len(lines)
+                    if progress is not None:
+                        progress(rows)
         if isinstance(plan, InvoicePlan):
             lines = plan.finish()
             target.write(encoder.encode_rows(lines))
@@ -102,6 +129,14 @@ def export(
     if progress is not None:
         progress(rows)
     return manifest
+
+
+def _snapshot(engine: Engine) -> dict[str, str]:
+    """Execution options that make every query of one export read one snapshot.
+
+    SQLite's read transaction is one already; PostgreSQL's default (READ COMMITTED) takes a new snapshot
+    per statement, so the usage export's totals query and its rows could see different events."""
+    return {} if engine.dialect.name == "sqlite" else {"isolation_level": "REPEATABLE READ"}
 
 
 @contextmanager

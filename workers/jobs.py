@@ -106,7 +106,7 @@ class Worker:
                 if path.exists() and Path(f"{path}.manifest.json").exists():
                     continue
                 self.out.mkdir(parents=True, exist_ok=True)
-                manifest = export(self.meter.engine, kind, day, day, path, calendar=self.calendar)
+                manifest = export(self.meter.engine, kind, day, day, path, calendar=self.calendar, jobs=None)
                 manifests.append({"kind": kind, "day": day.isoformat(), "path": str(path), "manifest": manifest})
                 log.info("exported %s", path)
         return manifests
