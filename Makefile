@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lock clean
+.PHONY: demo test soak bench lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The fault harness on its heavy seed set and the full 8 x 5,000 load (tests/test_faults.py, tests/test_load.py).
+soak: $(STAMP)
+	METERING_SOAK=1 $(BIN)/python -m pytest tests/test_faults.py tests/test_load.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_counting.py

@@ -127,7 +127,7 @@ def _block_tokens(block: Any, path: tuple[str | int, ...], count: TextCounter, i
         return _image_tokens(block.get("source"), (*path, "source"), images)
     if kind == "tool_use":
         name = require(block.get("name"), str, (*path, "name"), "a string")
-        return count(name) + count(compact_json(block.get("input") or {}))
+        return count(name) + count(compact_json(block.get("input") or {}, (*path, "input")))
     if kind == "tool_result":
         content = block.get("content")
         if content is None or isinstance(content, str):
@@ -166,8 +166,10 @@ def _tools_tokens(body: Mapping[str, Any], count: TextCounter, tool_prompt: tupl
         text += count(require(tool.get("description") or "", str, ("tools", index, "description"), "a string"))
         schema = tool.get("input_schema")
         if schema is not None:
-            text += count(compact_json(schema))
+            text += count(compact_json(schema, ("tools", index, "input_schema")))
     choice = body.get("tool_choice") or {}
     choice_type = require(choice, dict, ("tool_choice",), "an object").get("type", "auto")
+    if not isinstance(choice_type, str):
+        raise RequestError(("tool_choice", "type"), f"must be a string, got {type(choice_type).__name__}")
     auto_or_none, any_or_tool = tool_prompt
     return text, any_or_tool if choice_type in FORCED_TOOL_CHOICES else auto_or_none

@@ -9,12 +9,13 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from metering.cli_ledger import register as register_ledger_commands
 from metering.cli_prices import register as register_pricing_commands
 from metering.counting import count_request
-from pricing.errors import BillingError
+from pricing.errors import BillingError, UnknownModel
 from metering.images import parse_size
 from metering.model_table import MODELS, fraction_text
 
@@ -35,7 +36,7 @@ EXIT_BAD_INPUT = 2
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Print ``error: message`` to stderr and exit with ``code``."""
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -57,7 +58,7 @@ def _image_sizes(values: list[str]) -> dict[str, tuple[int, int]]:
     for value in values:
         url, sep, size = value.rpartition("=")
         if not sep or not url:
-            fail(f"--image-size must look like URL=WIDTHxHEIGHT, got {value!r}")
+            fail(f"--image-size: must look like URL=WIDTHxHEIGHT, got {value!r}")
         try:
             sizes[url] = parse_size(size)
         except ValueError as exc:
@@ -93,6 +94,8 @@ def count(
         result = count_request(
             body, model, image_sizes=_image_sizes(image_size or []), anthropic_client=client, fallback_to_estimate=False
         )
+    except UnknownModel as exc:  # named by --model, or by the body's "model" field
+        fail(f"{'--model' if model is not None else 'model'}: {exc}")
     except BillingError as exc:
         fail(str(exc))
     if as_json:

@@ -1,10 +1,12 @@
-"""Ledger commands of the ``metering`` command line: db, user, key, topup, grant, redeem, balance, audit.
+"""Ledger commands of the ``metering`` command line: db, user, key, topup, grant, redeem, balance, audit,
+quarantine.
 
 A public contract (docs/ledger.md and tests use these names, fields and exit codes). The database is
 ``--db URL``, else ``$METERING_DB``, else ``sqlite:///metering.db``; every command brings the schema to
 head first (``db upgrade`` does only that). USER is a user's name or id. ``--json`` prints one JSON
-document. Errors print ``error: ...`` on stderr and exit 2; ``audit`` exits 1 when an invariant is
-broken. Secrets (API keys, redemption codes) are printed once, by the command that creates them, and
+document. Errors print ``error: <field>: ...`` on stderr (the flag or argument at fault) and exit 2, and a
+bad flag is refused before the ledger is opened wherever the price table alone can tell; ``audit`` exits 1
+when an invariant is broken. Secrets (API keys, redemption codes) are printed once, by the command that creates them, and
 never again: the database keeps only their sha256.
 """
 
@@ -23,9 +25,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pricing.errors import BillingError
-from pricing.quote import decimal_text
+from pricing.quote import MAX_QUOTA, decimal_text
 
 T = TypeVar("T")
 stdout = Console()
@@ -49,6 +52,9 @@ db_app = typer.Typer(help="The ledger's database: create or upgrade its schema."
 user_app = typer.Typer(help="Create, show and list users.", no_args_is_help=True)
 key_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 redeem_app = typer.Typer(help="Create and use single-use redemption codes.", no_args_is_help=True)
+quarantine_app = typer.Typer(help="Rejected usage kept for finance (never dropped): list it.", no_args_is_help=True)
+#: Currencies a top-up may be paid in (the price table's recharge rates name them).
+CURRENCIES = ("CNY", "USDT", "USD")
 
 
 def register(app: typer.Typer) -> None:
@@ -61,6 +67,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(redeem_app, name="redeem")
     app.command("balance")(balance)
     app.command("audit")(audit)
+    app.add_typer(quarantine_app, name="quarantine")
 
 
 # ---------------------------------------------------------------------- plumbing
@@ -71,8 +78,12 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _message(exc: Exception) -> str:
-    """What to tell the operator: our errors as they are, a database's error by its driver's first line."""
+def _message(exc: Exception, flags: dict[str, str] | None = None) -> str:
+    """What to tell the operator: our errors as they are, a database's error by its driver's first line.
+
+    An error naming an argument of the library call (``reference: ...``) names the command's flag instead
+    (``--reference: ...``) when ``flags`` maps it.
+    """
     from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
     if isinstance(exc, DBAPIError) and exc.orig is not None:
@@ -80,7 +91,11 @@ def _message(exc: Exception) -> str:
         return f"database: {first}"
     if isinstance(exc, SQLAlchemyError):
         return f"database: {str(exc).splitlines()[0]}"
-    return str(exc)
+    text = str(exc)
+    field = getattr(exc, "field", None)
+    if flags and isinstance(field, str) and field in flags and text.startswith(f"{field}: "):
+        return f"{flags[field]}: {text[len(field) + 2:]}"
+    return text
 
 
 def _handled() -> tuple[type[Exception], ...]:
@@ -92,21 +107,35 @@ def _handled() -> tuple[type[Exception], ...]:
     return (BillingError, ValueError, SchemaError, SQLAlchemyError)
 
 
-def _with_meter(db: str | None, prices: Path | None, work: Callable[[Any], T]) -> T:
-    """Open the ledger (schema brought to head), run ``work(meter)``, close; every known error exits 2."""
+def _with_meter(
+    db: str | None, prices: Path | None, work: Callable[[Any], T], *, check: Callable[[Any], None] | None = None,
+    flags: dict[str, str] | None = None,
+) -> T:
+    """Open the ledger (schema brought to head), run ``work(meter)``, close; every known error exits 2.
+
+    ``check(price_table)`` runs before the database is opened: a flag the price table refuses (an unknown
+    group, grant or currency) is reported without creating or touching the database. ``flags`` maps the
+    library's argument names to the command's flags in error messages.
+    """
     from metering.ledger import Meter
     from metering.ledger.database import database_url
     from pricing.table import load_price_table
 
     handled = _handled()
     try:
-        meter = Meter.open(database_url(db), prices=load_price_table(prices))
+        table = load_price_table(prices)
+    except handled as exc:
+        _fail(_message(exc))
+    if check is not None:
+        check(table)
+    try:
+        meter = Meter.open(database_url(db), prices=table)
     except handled as exc:
         _fail(_message(exc))
     try:
         return work(meter)
     except handled as exc:
-        _fail(_message(exc))
+        _fail(_message(exc, flags))
     finally:
         meter.close()
 
@@ -126,7 +155,18 @@ def _emit(payload: Any) -> None:
 
 
 def _user_id(meter: Any, user: str) -> int:
-    return meter.find_user(user)
+    from metering.ledger.errors import NotFound
+
+    try:
+        return meter.find_user(user)
+    except NotFound as exc:
+        _fail(f"USER: {exc}")
+
+
+def _known(flag: str, noun: str, name: str, known: Any) -> None:
+    """Exit 2 naming ``flag`` unless ``name`` is one of ``known`` (a price table's groups, grants...)."""
+    if name not in known:
+        _fail(f"{flag}: unknown {noun} {name!r} (known: {', '.join(sorted(known))})")
 
 
 def _usd(meter: Any, units: int) -> str:
@@ -185,9 +225,9 @@ def user_create(
     from sqlalchemy.exc import IntegrityError
 
     if not name.strip() or name != name.strip():
-        _fail("a user name must not be empty or start or end with spaces")
+        _fail("NAME: a user name must not be empty or start or end with spaces")
     if name.isdigit():
-        _fail(f"a user name cannot be only digits ({name!r}): USER arguments take digits as a user id")
+        _fail(f"NAME: a user name cannot be only digits ({name!r}): USER arguments take digits as a user id")
 
     def work(meter: Any) -> dict[str, Any]:
         try:
@@ -195,13 +235,14 @@ def user_create(
         except BillingError:
             pass
         else:
-            _fail(f"user {name!r} already exists")
+            _fail(f"NAME: user {name!r} already exists")
         try:
             return meter.user(meter.create_user(name, group=group))
         except IntegrityError:
-            _fail(f"user {name!r} already exists")
+            _fail(f"NAME: user {name!r} already exists")
 
-    created = _with_meter(db, prices, work)
+    created = _with_meter(db, prices, work, check=lambda table: _known("--group", "group", group, table.groups),
+                          flags={"name": "NAME", "group": "--group"})
     if as_json:
         _emit(created)
         return
@@ -234,7 +275,8 @@ def user_list(db: DbOption = None, as_json: JsonOption = False) -> None:
         return
     table = Table("id", "name", "group", "balance")
     for row in users:
-        table.add_row(str(row["id"]), row["name"], row["group"], str(row["balance"]))
+        # Text, not str: a cell's str is read as rich markup ("[/]" in a name would crash the listing).
+        table.add_row(str(row["id"]), Text(row["name"]), Text(row["group"]), str(row["balance"]))
     _wide().print(table)
 
 
@@ -270,6 +312,10 @@ def _expiry(text: str) -> datetime:
         _fail(f"--expires: not an ISO 8601 time: {text!r}")
     if moment.tzinfo is None:
         _fail(f"--expires: {text!r} has no time zone (add Z or +08:00)")
+    try:
+        moment.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last representable time once in UTC
+        _fail(f"--expires: {text!r} is out of range")
     if moment <= datetime.now(timezone.utc):
         _fail(f"--expires: {text!r} is in the past")
     return moment
@@ -294,7 +340,8 @@ def key_create(
     user: UserArgument,
     name: Annotated[str, typer.Option("--name", help="A label for the key.")] = "default",
     limit_quota: Annotated[
-        Optional[int], typer.Option("--limit-quota", min=0, help="Most quota units the key may spend (default: unlimited).")
+        Optional[int], typer.Option("--limit-quota", min=0, max=MAX_QUOTA,
+                                    help="Most quota units the key may spend (default: unlimited).")
     ] = None,
     unlimited: Annotated[bool, typer.Option("--unlimited", help="No limit of its own (the default): only the balance.")] = False,
     models: Annotated[Optional[str], typer.Option("--models", help="Allowed models, comma-separated (default: all).")] = None,
@@ -309,7 +356,7 @@ def key_create(
     from metering.ledger.tables import ApiKey
 
     if unlimited and limit_quota is not None:
-        _fail("give either --limit-quota N or --unlimited, not both")
+        _fail("--unlimited: give either --limit-quota N or --unlimited, not both")
     allowed = _model_list(models) if models is not None else None
     expires_at = _expiry(expires) if expires is not None else None
 
@@ -322,7 +369,8 @@ def key_create(
         (row,) = [k for k in _keys(meter, uid) if k["id"] == key_id]
         return secret, row
 
-    secret, row = _with_meter(db, None, work)
+    secret, row = _with_meter(db, None, work, flags={"name": "--name", "expires_at": "--expires",
+                                                      "limit_quota": "--limit-quota"})
     if as_json:
         _emit(row | {"secret": secret, "warning": f"the secret is {SECRET_WARNING}"})
         return
@@ -345,7 +393,7 @@ def key_list(
     table = Table("id", "user", "name", "prefix", "status", "limit", "used", "reserved", "charged", "models", "expires")
     for row in rows:
         table.add_row(
-            str(row["id"]), str(row["user_id"]), row["name"], row["prefix"], row["status"],
+            str(row["id"]), str(row["user_id"]), Text(row["name"]), row["prefix"], row["status"],
             "unlimited" if row["limit_quota"] is None else str(row["limit_quota"]), str(row["used_quota"]),
             str(row["reserved_quota"]), str(row["charged_quota"]), "all" if row["models"] is None else ",".join(row["models"]),
             row["expires_at"] or "never",
@@ -360,11 +408,10 @@ def key_revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Disable a key for good (its open holds still settle); revoking twice is not an error."""
-    from metering.ledger.errors import NotFound
 
     def work(meter: Any) -> bool:
         if not any(k["id"] == key_id for k in meter.keys()):
-            raise NotFound(f"no API key {key_id}")
+            _fail(f"KEY_ID: no API key {key_id}")
         return bool(meter.revoke_key(key_id))
 
     changed = _with_meter(db, None, work)
@@ -387,19 +434,30 @@ def topup(
     as_json: JsonOption = False,
 ) -> None:
     """Credit a paid top-up at the recharge rate in force, once per --reference."""
-    if not reference.strip():
-        _fail("--reference must not be empty")
+    from metering.ledger.inputs import identifier
+    from pricing.errors import FieldError, PriceNotFound
+    from pricing.recharge import topup_amount
+
+    if currency.upper() not in CURRENCIES:
+        _fail(f"--currency: must be one of {', '.join(CURRENCIES)}, got {currency!r}")
+    from metering.ledger.errors import InvalidField
+
+    try:
+        identifier(reference, "--reference")
+        topup_amount(amount)
+    except (FieldError, InvalidField) as exc:
+        _fail(str(exc).replace("amount: ", "--amount: ", 1) if exc.field == "amount" else str(exc))
 
     def work(meter: Any) -> dict[str, Any]:
         uid = _user_id(meter, user)
         try:
             units = meter.topup(uid, amount, currency.upper(), reference)
-        except ArithmeticError:
-            _fail(f"--amount must be a positive decimal number, got {amount!r}")
+        except PriceNotFound as exc:  # no recharge rate in force for this currency
+            _fail(f"--currency: {exc}")
         return {"user_id": uid, "reference": reference, "amount": amount, "currency": currency.upper(),
                 "quota": units, "balance": meter.balance(uid)}
 
-    result = _with_meter(db, prices, work)
+    result = _with_meter(db, prices, work, flags={"amount": "--amount", "reference": "--reference"})
     if as_json:
         _emit(result)
         return
@@ -420,7 +478,7 @@ def grant(
         units = meter.grant(uid, kind)
         return {"user_id": uid, "kind": kind, "quota": units, "granted": units > 0, "balance": meter.balance(uid)}
 
-    result = _with_meter(db, prices, work)
+    result = _with_meter(db, prices, work, check=lambda table: _known("KIND", "grant", kind, table.grants))
     if as_json:
         _emit(result)
         return
@@ -433,7 +491,7 @@ def grant(
 @redeem_app.command("create")
 def redeem_create(
     count: Annotated[int, typer.Option("--count", min=1, max=100_000, help="How many codes.")],
-    quota: Annotated[int, typer.Option("--quota", min=1, help="Quota units each code is worth.")],
+    quota: Annotated[int, typer.Option("--quota", min=1, max=MAX_QUOTA, help="Quota units each code is worth.")],
     batch: Annotated[Optional[str], typer.Option("--batch", help="A label for the batch (default: time + random).")] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -441,9 +499,14 @@ def redeem_create(
     """Create single-use codes and print them, this once (only their sha256 is stored)."""
     import secrets
 
+    from metering.ledger.errors import InvalidField
+    from metering.ledger.inputs import identifier
+
     label = batch or datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
-    if len(label) > 64:
-        _fail("--batch must be at most 64 characters")
+    try:
+        identifier(label, "--batch", 64)
+    except InvalidField as exc:
+        _fail(str(exc))
     codes = _with_meter(db, None, lambda meter: meter.create_redemption_codes(count, quota, batch=label))
     if as_json:
         _emit({"batch": label, "count": len(codes), "quota": quota, "codes": codes,
@@ -466,9 +529,14 @@ def redeem_use(
     if code == "-":
         code = sys.stdin.readline().strip()
 
+    from metering.ledger.errors import DuplicateReference, NotFound
+
     def work(meter: Any) -> dict[str, Any]:
         uid = _user_id(meter, user)
-        units = meter.redeem(uid, code)
+        try:
+            units = meter.redeem(uid, code)
+        except (NotFound, DuplicateReference) as exc:
+            _fail(f"CODE: {exc}")
         return {"user_id": uid, "quota": units, "balance": meter.balance(uid)}
 
     result = _with_meter(db, None, work)
@@ -497,18 +565,64 @@ def balance(user: UserArgument, db: DbOption = None, as_json: JsonOption = False
 
 def audit(db: DbOption = None, as_json: JsonOption = False) -> None:
     """Check every invariant of docs/ledger.md: exit 0 and "ok", or exit 1 and each violation."""
-    report = _with_meter(db, None, lambda meter: meter.audit())
+    from metering.ledger import quarantine
+
+    report, quarantined = _with_meter(db, None, lambda meter: (meter.audit(), quarantine.count(meter._read)))
     violations = [{"invariant": v.invariant, "subject": v.subject, "detail": v.detail} for v in report.violations]
     if as_json:
-        _emit({"ok": report.ok, "violations": violations})
+        _emit({"ok": report.ok, "violations": violations, "quarantined": quarantined})
     elif report.ok:
         print("ok")
     else:
         print(f"{len(violations)} violation{'s' if len(violations) != 1 else ''}:")
         for v in violations:
             print(f"  {v['invariant']}: {v['subject']}: {v['detail']}")
+    if quarantined and not as_json:
+        # Not a broken invariant (nothing was written for them), but requests served and not billed yet.
+        print(f"note: {quarantined} rejected usage payload{'s' if quarantined != 1 else ''} in quarantine "
+              "(metering quarantine list)")
     if not report.ok:
         raise typer.Exit(EXIT_VIOLATIONS)
 
 
-__all__ = ["db_app", "key_app", "redeem_app", "register", "user_app"]
+# ---------------------------------------------------------------------- quarantine
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    user: Annotated[Optional[str], typer.Option("--user", help="Only this user's (name or id).")] = None,
+    request_id: Annotated[Optional[str], typer.Option("--request-id", help="Only this request's.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, help="At most this many, newest first.")] = 100,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Rejected usage payloads kept for finance, newest first: why, where, and whether billed since."""
+    from metering.ledger import quarantine
+    from metering.ledger.errors import InvalidField
+    from metering.ledger.inputs import identifier
+
+    if request_id is not None:
+        try:
+            identifier(request_id, "--request-id")
+        except InvalidField as exc:
+            _fail(str(exc))
+
+    def work(meter: Any) -> list[dict[str, Any]]:
+        uid = None if user is None else _user_id(meter, user)
+        return quarantine.listing(meter._read, request_id=request_id, user_id=uid, limit=limit)
+
+    rows = _with_meter(db, None, work)
+    if as_json:
+        _emit(rows)
+        return
+    table = Table("id", "last seen", "source", "action", "request", "user", "model", "field", "reason", "tries", "settled")
+    for row in rows:
+        table.add_row(
+            str(row["id"]), row["last_seen_at"][:19], row["source"], row["action"], Text(row["request_id"] or "-"),
+            str(row["user_id"] or "-"), Text(row["model"] or "-"), Text(row["field"] or "-"), Text(row["reason"][:120]),
+            str(row["attempts"]), "yes" if row["settled"] else "no",
+        )
+    _wide().print(table)
+
+
+__all__ = ["db_app", "key_app", "quarantine_app", "redeem_app", "register", "user_app"]

@@ -9,13 +9,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from pricing.errors import BillingError, PriceTableError
+from pricing.errors import BillingError, FieldError, PriceNotFound, PriceTableError, UnknownModel
 from pricing.quote import decimal_text, now, price
 from pricing.recharge import quote_topup
 from pricing.table import PriceTable, default_price_table_path, load_price_table
-from pricing.usage import InvalidUsage, UsageRecord
+from pricing.usage import MAX_COUNT, InvalidUsage, UsageRecord
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -27,14 +28,34 @@ PricesOption = Annotated[
 ]
 AtOption = Annotated[Optional[str], typer.Option("--at", help="Event time, ISO 8601 with a time zone (default: now).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-Count = Annotated[int, typer.Option(min=0)]
+Count = Annotated[int, typer.Option(min=0, max=MAX_COUNT)]
+#: A usage field of either provider -> the ``quote`` flag that sets it (errors name the flag).
+USAGE_FLAGS = {
+    "prompt_tokens": "--input", "input_tokens": "--input", "completion_tokens": "--output", "output_tokens": "--output",
+    "cached_tokens": "--cached-input", "cache_read_input_tokens": "--cached-input",
+    "cache_creation_input_tokens": "--cache-write", "cache_creation": "--cache-write",
+    "ephemeral_5m_input_tokens": "--cache-write", "ephemeral_1h_input_tokens": "--cache-write-1h",
+    "reasoning_tokens": "--reasoning", "images": "--images", "web_search_requests": "--web-search",
+}
 
 prices_app = typer.Typer(help="Validate, show, export and import the price table.", no_args_is_help=True)
 
 
 def _fail(message: str) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _flagged(exc: BillingError, flags: dict[type, str]) -> str:
+    """An error's message naming the command's flag: a usage field by its flag, else by the error's type."""
+    if isinstance(exc, FieldError) and not exc.field.startswith("--"):
+        last = exc.field.rsplit(".", 1)[-1]
+        flag = USAGE_FLAGS.get(last) or flags.get(FieldError, exc.field)
+        return f"{flag}: {exc.reason}"
+    for kind, flag in flags.items():
+        if isinstance(exc, kind) and not str(exc).startswith("--"):
+            return f"{flag}: {exc}"
+    return str(exc)
 
 
 def _table(path: Path | None) -> PriceTable:
@@ -51,15 +72,19 @@ def _problems(exc: PriceTableError) -> typer.Exit:
     return typer.Exit(EXIT_BAD_INPUT)
 
 
-def _when(at: str | None) -> datetime:
+def _when(at: str | None, flag: str = "--at") -> datetime:
     if at is None:
         return now()
     try:
         moment = datetime.fromisoformat(at)
     except ValueError:
-        raise _fail(f"--at: not an ISO 8601 time: {at!r}") from None
+        raise _fail(f"{flag}: not an ISO 8601 time: {at!r}") from None
     if moment.tzinfo is None:
-        raise _fail(f"--at: {at!r} has no time zone (add Z or +08:00)")
+        raise _fail(f"{flag}: {at!r} has no time zone (add Z or +08:00)")
+    try:
+        moment.timestamp()  # 0001-01-01T00:00+01:00 is before the first representable instant
+    except (OverflowError, ValueError):
+        raise _fail(f"{flag}: {at!r} is out of range") from None
     return moment
 
 
@@ -71,7 +96,7 @@ def _usage(
     entry, _ = table.resolve(model)
     if entry.provider == "anthropic":
         if write_1h > write:
-            raise InvalidUsage("--cache-write-1h is the 1-hour part of --cache-write and cannot exceed it")
+            raise InvalidUsage("--cache-write-1h", "is the 1-hour part of --cache-write and cannot exceed it")
         usage: dict[str, Any] = {
             "input_tokens": input_tokens,
             "output_tokens": output,
@@ -82,7 +107,7 @@ def _usage(
         }
         return UsageRecord.from_anthropic(model, usage, images=images)
     if write or write_1h:
-        raise InvalidUsage("OpenAI models report no cache writes: drop --cache-write/--cache-write-1h")
+        raise InvalidUsage("--cache-write", "OpenAI models report no cache writes: drop --cache-write/--cache-write-1h")
     usage = {
         "prompt_tokens": input_tokens,
         "completion_tokens": output,
@@ -102,24 +127,24 @@ def register(app: typer.Typer) -> None:
 def quote(
     model: Annotated[str, typer.Option("--model", help="Model name or alias as the gateway received it.")],
     input_tokens: Annotated[
-        int, typer.Option("--input", min=0, help="OpenAI: prompt_tokens (cached included). Anthropic: input_tokens.")
+        int, typer.Option("--input", min=0, max=MAX_COUNT, help="OpenAI: prompt_tokens (cached included). Anthropic: input_tokens.")
     ],
-    output: Annotated[int, typer.Option("--output", min=0, help="completion_tokens / output_tokens.")],
+    output: Annotated[int, typer.Option("--output", min=0, max=MAX_COUNT, help="completion_tokens / output_tokens.")],
     cached_input: Annotated[
-        int, typer.Option("--cached-input", min=0, help="OpenAI: cached_tokens. Anthropic: cache_read_input_tokens.")
+        int, typer.Option("--cached-input", min=0, max=MAX_COUNT, help="OpenAI: cached_tokens. Anthropic: cache_read_input_tokens.")
     ] = 0,
     cache_write: Annotated[
-        int, typer.Option("--cache-write", min=0, help="Anthropic: cache_creation_input_tokens (all of them).")
+        int, typer.Option("--cache-write", min=0, max=MAX_COUNT, help="Anthropic: cache_creation_input_tokens (all of them).")
     ] = 0,
     cache_write_1h: Annotated[
-        int, typer.Option("--cache-write-1h", min=0, help="Anthropic: the part of --cache-write with a 1-hour TTL.")
+        int, typer.Option("--cache-write-1h", min=0, max=MAX_COUNT, help="Anthropic: the part of --cache-write with a 1-hour TTL.")
     ] = 0,
     reasoning: Annotated[
-        int, typer.Option("--reasoning", min=0, help="OpenAI: reasoning_tokens (a part of --output, not added).")
+        int, typer.Option("--reasoning", min=0, max=MAX_COUNT, help="OpenAI: reasoning_tokens (a part of --output, not added).")
     ] = 0,
-    images: Annotated[int, typer.Option("--images", min=0, help="Images, for per-image prices.")] = 0,
-    requests: Annotated[int, typer.Option("--requests", min=0, help="Requests, for per-request prices.")] = 1,
-    web_search: Annotated[int, typer.Option("--web-search", min=0, help="Web searches, for per-search prices.")] = 0,
+    images: Annotated[int, typer.Option("--images", min=0, max=MAX_COUNT, help="Images, for per-image prices.")] = 0,
+    requests: Annotated[int, typer.Option("--requests", min=0, max=MAX_COUNT, help="Requests, for per-request prices.")] = 1,
+    web_search: Annotated[int, typer.Option("--web-search", min=0, max=MAX_COUNT, help="Web searches, for per-search prices.")] = 0,
     group: Annotated[str, typer.Option("--group", help="Pricing group (its multiplier applies).")] = "default",
     at: AtOption = None,
     as_json: JsonOption = False,
@@ -132,8 +157,11 @@ def quote(
             table, model, input_tokens, output, cached_input, cache_write, cache_write_1h, reasoning, images, web_search
         )
         priced = price(table, usage, _when(at), group, requests=requests)
-    except (BillingError, InvalidUsage) as exc:
-        raise _fail(str(exc)) from None
+    except BillingError as exc:
+        flags: dict[type, str] = {UnknownModel: "--model"}
+        if isinstance(exc, PriceNotFound):  # an unknown group, or no price version yet at --at
+            flags[PriceNotFound] = "--group" if group not in table.groups else "--at"
+        raise _fail(_flagged(exc, flags)) from None
     if as_json:
         print(json.dumps(priced.to_dict(), ensure_ascii=False))
         return
@@ -159,9 +187,7 @@ def quote_topup_command(
     try:
         result = quote_topup(table, amount, currency.upper(), _when(at))
     except BillingError as exc:
-        raise _fail(str(exc)) from None
-    except (ArithmeticError, ValueError):
-        raise _fail(f"--amount must be a positive decimal number, got {amount!r}") from None
+        raise _fail(_flagged(exc, {FieldError: "--amount", PriceNotFound: "--currency"})) from None
     if as_json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
         return
@@ -197,7 +223,7 @@ def show(
     try:
         entries = [table.resolve(model)[0]] if model else list(table.models.values())
     except BillingError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(f"--model: {exc}") from None
     rows = []
     for entry in entries:
         try:
@@ -253,7 +279,8 @@ def import_(
     except (OSError, UnicodeDecodeError) as exc:
         raise _fail(f"{path}: cannot read: {exc}") from None
     try:
-        yaml_text = import_oneapi(text, effective_from=_when(effective_from), template=_table(prices), source=str(path))
+        yaml_text = import_oneapi(text, effective_from=_when(effective_from, "--effective-from"), template=_table(prices),
+                                  source=str(path))
     except PriceTableError as exc:
         raise _problems(exc) from None
     if out is None:

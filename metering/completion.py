@@ -16,10 +16,13 @@ from typing import Any
 from metering.errors import RequestError
 from metering.models import ResolvedModel, resolve_model
 from metering.prompt_count import PromptCount, compact_json, require, text_counter
-from pricing.usage import UsageRecord, UsageSource
+from pricing.usage import InvalidUsage, UsageRecord, UsageSource
 
 #: Anthropic content blocks the model writes a tool call in (server tools are called by the model too).
 ANTHROPIC_TOOL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
+#: The names a response's usage gives its input / output count by, (OpenAI, Anthropic).
+INPUT_FIGURES = (("prompt_tokens", "input_tokens"), ("input_tokens",))
+OUTPUT_FIGURES = (("completion_tokens", "output_tokens"), ("output_tokens",))
 
 
 class ResponseError(RequestError):
@@ -59,10 +62,13 @@ def usage_from_response(
         raise ResponseError(("model",), "no model given and the response has no model name")
     resolved = resolve_model(model)
     usage = response.get("usage")
-    if isinstance(usage, dict) and usage:
-        if resolved.provider == "anthropic":
-            return UsageRecord.from_anthropic(model, usage, source=UsageSource.UPSTREAM)
-        return UsageRecord.from_openai(model, usage, source=UsageSource.UPSTREAM)
+    if usage is not None and not isinstance(usage, dict):
+        raise InvalidUsage("usage", f"must be an object, got {type(usage).__name__}")
+    if usage:
+        mapper = UsageRecord.from_anthropic if resolved.provider == "anthropic" else UsageRecord.from_openai
+        record = mapper(model, usage, source=UsageSource.UPSTREAM)  # every figure given is checked first
+        require_figures(usage, resolved.provider)
+        return record
     if prompt is None:
         raise ValueError(
             f"the {model!r} response has no usage: pass prompt= (the request's PromptCount) to bill its input"
@@ -75,6 +81,17 @@ def usage_from_response(
         output_tokens=output,
         source=UsageSource.weakest(prompt.source, output_source),
     )
+
+
+def require_figures(usage: dict[str, Any], provider: str, which: tuple[str, ...] = ("input", "output")) -> None:
+    """Refuse a usage object that leaves out its input or output count: it would bill that count as 0.
+
+    ``which`` names the counts required (an Anthropic ``message_delta`` carries only the output one).
+    """
+    for kind in which:
+        figures = (INPUT_FIGURES if kind == "input" else OUTPUT_FIGURES)[provider == "anthropic"]
+        if all(usage.get(name) is None for name in figures):
+            raise InvalidUsage(f"usage.{figures[0]}", "is required in a usage object (absent, it would bill 0)")
 
 
 def _openai_texts(response: dict[str, Any]) -> list[str]:
@@ -113,9 +130,9 @@ def _anthropic_texts(response: dict[str, Any]) -> list[str]:
             texts.append(_optional_str(block.get("text"), (*path, "text")))
         elif kind == "thinking":
             texts.append(_optional_str(block.get("thinking"), (*path, "thinking")))
-        elif kind in ANTHROPIC_TOOL_BLOCKS:
+        elif isinstance(kind, str) and kind in ANTHROPIC_TOOL_BLOCKS:  # a list or an object is not hashable
             texts.append(_optional_str(block.get("name"), (*path, "name")))
-            texts.append(compact_json(block.get("input", {})))
+            texts.append(compact_json(block.get("input", {}), (*path, "input")))
         # Other blocks (redacted_thinking, server tool results) carry no text we can count: upstream only.
     return texts
 

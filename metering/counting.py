@@ -34,7 +34,19 @@ def count_request(
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise RequestError(("model",), "is required (in the body, or given explicitly)")
+    if not isinstance(model, str):
+        raise RequestError(("model",), f"must be a string, got {type(model).__name__}")
     resolved = resolve_model(model)
+    try:
+        return _count(body, resolved, image_sizes, cache, anthropic_client, fallback_to_estimate)
+    except RecursionError:  # a body nested deeper than any walk of it can go: the client's error, typed
+        raise RequestError((), "the request body is nested too deeply to count") from None
+
+
+def _count(
+    body: dict[str, Any], resolved: Any, image_sizes: Mapping[str, tuple[int, int]] | None,
+    cache: TokenCountCache | None, anthropic_client: Any, fallback_to_estimate: bool,
+) -> PromptCount:
     if resolved.provider == "openai":
         return count_openai_chat(body, resolved, image_sizes=image_sizes, cache=cache)
     if anthropic_client is not None:

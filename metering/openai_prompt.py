@@ -25,6 +25,8 @@ from pricing.usage import UsageSource
 #: Message keys that carry no prompt text (client-side hints some OpenAI-compatible clients send).
 IGNORED_MESSAGE_KEYS = frozenset({"cache_control", "annotations", "audio"})
 IMAGE_DETAILS = frozenset({"low", "high", "auto"})
+#: How deep tool parameter schemas may nest (each level is counted; real schemas stay in single digits).
+MAX_SCHEMA_DEPTH = 64
 
 
 def count_openai_chat(
@@ -143,7 +145,7 @@ def _image_part_tokens(image: Any, path: tuple[str | int, ...], images: ImageTal
         return images.add_url(image, "auto", path)
     image = require(image, dict, path, "an object with a url")
     detail = image.get("detail") or "auto"
-    if detail not in IMAGE_DETAILS:
+    if not isinstance(detail, str) or detail not in IMAGE_DETAILS:  # a list or an object is not hashable
         raise RequestError((*path, "detail"), f"must be one of low, high, auto; got {detail!r}")
     return images.add_url(image.get("url"), detail, (*path, "url"))
 
@@ -153,7 +155,7 @@ def _call_tokens(function: Any, path: tuple[str | int, ...], count: TextCounter,
     name = require(function.get("name"), str, (*path, "name"), "a string")
     arguments = function.get("arguments") or ""
     if not isinstance(arguments, str):  # some clients send parsed JSON; the model saw it serialized
-        arguments = json.dumps(arguments, ensure_ascii=False)
+        arguments = _dumps(arguments, (*path, "arguments"), ensure_ascii=False)
     return count(name) + count(arguments) + framing.tokens_per_tool_call
 
 
@@ -183,10 +185,14 @@ def _definitions_tokens(body: Mapping[str, Any], count: TextCounter, tf: ToolFra
     return tokens
 
 
-def _properties_tokens(properties: Any, path: tuple[str | int, ...], count: TextCounter, tf: ToolFraming) -> int:
+def _properties_tokens(
+    properties: Any, path: tuple[str | int, ...], count: TextCounter, tf: ToolFraming, depth: int = 0
+) -> int:
     if not properties:
         return 0
     properties = require(properties, dict, path, "an object of properties")
+    if depth >= MAX_SCHEMA_DEPTH:
+        raise RequestError(path, f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
     tokens = tf.prop_init
     for key, prop in properties.items():
         prop = require(prop, dict, (*path, key), "a property schema object")
@@ -195,18 +201,28 @@ def _properties_tokens(properties: Any, path: tuple[str | int, ...], count: Text
         if enum is not None:
             tokens += tf.enum_init
             for item in require(enum, list, (*path, key, "enum"), "a list"):
-                tokens += tf.enum_item + count(item if isinstance(item, str) else json.dumps(item))
+                tokens += tf.enum_item + count(item if isinstance(item, str) else _dumps(item, (*path, key, "enum")))
         kind = prop.get("type", "")
         if isinstance(kind, list):
             kind = ",".join(str(k) for k in kind)
         description = require(prop.get("description") or "", str, (*path, key, "description"), "a string")
         tokens += count(f"{key}:{kind}:{description.removesuffix('.')}")
         # Beyond the cookbook (which stops at the top level): nested objects and array items count alike.
-        tokens += _properties_tokens(prop.get("properties"), (*path, key, "properties"), count, tf)
+        tokens += _properties_tokens(prop.get("properties"), (*path, key, "properties"), count, tf, depth + 1)
         items = prop.get("items")
         if isinstance(items, dict):
-            tokens += _properties_tokens(items.get("properties"), (*path, key, "items", "properties"), count, tf)
+            tokens += _properties_tokens(items.get("properties"), (*path, key, "items", "properties"), count, tf, depth + 1)
     return tokens
+
+
+def _dumps(value: Any, path: tuple[str | int, ...], **options: Any) -> str:
+    """``json.dumps(value, **options)`` (the text counted), or a ``RequestError`` naming ``path`` when JSON
+    cannot write the value (a set, bytes, a cycle, too deep): a caller's object, never a decoded body."""
+    try:
+        return json.dumps(value, **options)
+    except (TypeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RequestError(path, f"must be JSON data ({reason})") from None
 
 
 def _choice_tokens(body: Mapping[str, Any], count: TextCounter, tf: ToolFraming) -> int:

@@ -18,9 +18,17 @@ from pricing.usage import UsageSource
 TextCounter = Callable[[str], int]
 
 
-def compact_json(value: Any) -> str:
-    """The JSON text we count for structured tool input/schemas (Anthropic sends objects, not strings)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def compact_json(value: Any, path: Sequence[str | int] = ()) -> str:
+    """The JSON text we count for structured tool input/schemas (Anthropic sends objects, not strings).
+
+    A value JSON cannot write (a set, bytes, a cycle, nesting deeper than the interpreter's stack) is a
+    ``RequestError`` naming ``path``: a body decoded from JSON never holds one, a caller's object might.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RequestError(path, f"must be JSON data ({reason})") from None
 
 
 def text_counter(encoding_name: str, cache: TokenCountCache | None) -> TextCounter:

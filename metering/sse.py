@@ -5,8 +5,9 @@ SDKs' decoders (``openai._streaming``, ``anthropic._streaming``) are private API
 
 It follows the WHATWG "event stream interpretation" rules:
 
-* the bytes are UTF-8 (a leading BOM is dropped; invalid bytes become U+FFFD), and a chunk may end in
-  the middle of a character or of a line;
+* the bytes are UTF-8 (a leading BOM is dropped; invalid bytes become U+FFFD, exactly as Python's
+  ``errors="replace"`` does, and are counted in ``invalid_bytes``), and a chunk may end in the middle of a
+  character or of a line;
 * a line ends at ``\\r\\n``, ``\\n`` or ``\\r`` (a ``\\r`` at the end of a chunk may be the first half of
   a ``\\r\\n``, so a ``\\n`` at the start of the next chunk is swallowed);
 * ``field: value`` (one space after the colon is dropped; a line without a colon is a field with an empty
@@ -22,11 +23,28 @@ from __future__ import annotations
 
 import codecs
 import re
+import threading
 from typing import NamedTuple
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 #: Fields the SSE spec defines that carry nothing we meter (reconnection hints).
 _KNOWN_UNUSED_FIELDS = frozenset({"id", "retry"})
+#: The decoder whose bytes are being decoded on this thread (the error handler counts into it).
+_decoding = threading.local()
+_ERRORS = "metering.sse-replace"
+
+
+def _replace_and_count(error: UnicodeError) -> tuple[str, int]:
+    """Python's ``replace`` (one U+FFFD per invalid sequence), counting the invalid bytes on the decoder."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    decoder = getattr(_decoding, "decoder", None)
+    if decoder is not None:
+        decoder.invalid_bytes += error.end - error.start
+    return "\ufffd", error.end
+
+
+codecs.register_error(_ERRORS, _replace_and_count)
 
 
 class SSEEvent(NamedTuple):
@@ -37,10 +55,11 @@ class SSEEvent(NamedTuple):
 
 
 class SSEDecoder:
-    """Turns byte chunks into ``SSEEvent``s; ``unknown_lines`` counts lines with an unknown field name."""
+    """Turns byte chunks into ``SSEEvent``s; ``unknown_lines`` counts lines with an unknown field name,
+    ``invalid_bytes`` the bytes that were not UTF-8."""
 
     def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_ERRORS)
         self._pending: list[str] = []  # text received after the last complete line, in pieces
         self._skip_lf = False  # the last chunk ended in "\r": a leading "\n" belongs to that line end
         self._at_start = True  # a BOM is only dropped at the very start of the stream
@@ -48,14 +67,22 @@ class SSEDecoder:
         self._data: list[str] = []
         self._has_data = False
         self.unknown_lines = 0
+        self.invalid_bytes = 0  # bytes that were not UTF-8
+
+    def _decode(self, chunk: bytes, final: bool = False) -> str:
+        _decoding.decoder = self
+        try:
+            return self._decoder.decode(chunk, final)
+        finally:
+            _decoding.decoder = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Decode ``chunk`` and return the events it completes (possibly none)."""
-        return self._take(self._decoder.decode(chunk))
+        return self._take(self._decode(chunk))
 
     def close(self) -> list[SSEEvent]:
         """End of stream: return the events still pending, including an unterminated last one."""
-        events = self._take(self._decoder.decode(b"", final=True))
+        events = self._take(self._decode(b"", final=True))
         if self._pending:
             line = "".join(self._pending)
             self._pending = []

@@ -12,7 +12,11 @@
   locally; the record's source is then that of its weakest figure.
 
 The stream dialect follows the model's provider. Bad upstream output (invalid JSON, unexpected shapes)
-is counted in ``malformed_lines`` and skipped: metering must never break the stream it watches.
+is counted in ``malformed_lines`` and skipped: metering must never break the stream it watches. A usage
+chunk whose figures are invalid (negative, not integers, beyond ``pricing.usage.MAX_COUNT``, contradicting
+each other) is such output too: it is never billed, the local count is, and the chunk is kept in
+``StreamResult.rejected_usage`` for ``Meter.settle`` to quarantine (docs/ledger.md, "Rejected usage").
+Bytes that are not UTF-8 are read as U+FFFD and counted in ``invalid_bytes``.
 """
 
 from __future__ import annotations
@@ -21,13 +25,30 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from metering.completion import ANTHROPIC_TOOL_BLOCKS, count_generated
+from metering.completion import ANTHROPIC_TOOL_BLOCKS, count_generated, require_figures
+from metering.errors import RequestError
 from metering.models import resolve_model
 from metering.prompt_count import PromptCount, compact_json
 from metering.sse import SSEDecoder, SSEEvent
 from pricing.usage import InvalidUsage, UsageRecord, UsageSource
 
 StreamStatus = Literal["completed", "aborted", "error"]
+#: A rejected usage chunk keeps at most this much of its data; a stream keeps at most this many of them.
+MAX_REJECTED_CHARS = 8_000
+MAX_REJECTED_CHUNKS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedUsage:
+    """An upstream usage object refused (never billed): the field at fault, why, and the chunk's data."""
+
+    field: str
+    reason: str
+    data: str  # the SSE event's data as received, cut to MAX_REJECTED_CHARS
+
+    def error(self) -> InvalidUsage:
+        """The typed error it was refused with."""
+        return InvalidUsage(self.field, self.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +63,30 @@ class StreamResult:
     error: dict[str, Any] | None  # the error event's ``error`` object
     malformed_lines: int
     events: int  # SSE events dispatched, malformed ones included
+    rejected_usage: tuple[RejectedUsage, ...] = ()  # upstream usage chunks refused (the local count is billed)
+    invalid_bytes: int = 0  # bytes that were not UTF-8 (read as U+FFFD)
 
 
 class _Malformed(Exception):
     """An event that is not what the protocol documents; counted and skipped by the accumulator."""
 
 
-#: What the usage mappers raise on a usage object of the wrong shape (a detail that is not an object, say).
-_BAD_USAGE = (InvalidUsage, AttributeError, TypeError)
+def _rejected(exc: Exception, data: str) -> RejectedUsage:
+    field = exc.field if isinstance(exc, InvalidUsage) else "usage"
+    reason = exc.reason if isinstance(exc, InvalidUsage) else str(exc)
+    return RejectedUsage(field, reason, data[:MAX_REJECTED_CHARS])
+
+
+class _UsageChecked:
+    """Keeps the usage objects a stream refused (bounded: a hostile stream cannot grow it without end)."""
+
+    def __init__(self) -> None:
+        self.rejected: list[RejectedUsage] = []
+
+    def reject(self, exc: Exception, data: str) -> _Malformed:
+        if len(self.rejected) < MAX_REJECTED_CHUNKS:
+            self.rejected.append(_rejected(exc, data))
+        return _Malformed(str(exc))
 
 
 def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -93,10 +130,11 @@ class _Choice:
     function_call: _Call | None = None
 
 
-class _OpenAIStream:
+class _OpenAIStream(_UsageChecked):
     """State of an OpenAI chat-completion stream (``data: {chunk}`` ... ``data: [DONE]``)."""
 
     def __init__(self, model: str) -> None:
+        super().__init__()
         self.model = model
         self.choices: dict[int, _Choice] = {}
         self.usage: UsageRecord | None = None
@@ -114,14 +152,18 @@ class _OpenAIStream:
             return
         if "choices" not in obj and "usage" not in obj:
             raise _Malformed("neither choices nor usage")
-        usage = _field(obj, "usage", dict)
-        if usage is not None:
-            try:
-                self.usage = UsageRecord.from_openai(self.model, usage, source=UsageSource.UPSTREAM)
-            except _BAD_USAGE as exc:
-                raise _Malformed(str(exc)) from exc
-        for choice in _field(obj, "choices", list, []):
+        refused: _Malformed | None = None
+        if obj.get("usage") is not None:
+            try:  # from_openai checks the shape too: a usage that is not an object is refused like bad figures
+                usage = UsageRecord.from_openai(self.model, obj["usage"], source=UsageSource.UPSTREAM)
+                require_figures(obj["usage"], "openai")  # a figure left out would be billed as 0
+                self.usage = usage
+            except InvalidUsage as exc:
+                refused = self.reject(exc, event.data)
+        for choice in _field(obj, "choices", list, []):  # the chunk's text was delivered whatever its usage
             self._on_choice(choice)
+        if refused is not None:
+            raise refused
 
     def _on_choice(self, choice: Any) -> None:
         if not isinstance(choice, dict):
@@ -204,10 +246,11 @@ _DELTAS = {
 }
 
 
-class _AnthropicStream:
+class _AnthropicStream(_UsageChecked):
     """State of an Anthropic Messages stream (message_start ... message_stop)."""
 
     def __init__(self, model: str) -> None:
+        super().__init__()
         self.model = model
         self.blocks: dict[int, _Block] = {}
         self.usage: dict[str, Any] = {}  # message_start's usage with message_delta's non-null fields over it
@@ -223,9 +266,9 @@ class _AnthropicStream:
         if kind == "error" or event.event == "error":
             self.error = _error_object(obj)
         elif kind == "message_start":
-            usage = _field(_field(obj, "message", dict, {}), "usage", dict)
+            usage = _field(obj, "message", dict, {}).get("usage")
             if usage is not None:
-                self._merge_usage(usage)
+                self._merge_usage(usage, event.data, "input")
                 self.started = True
         elif kind == "content_block_start":
             self._on_block_start(obj)
@@ -233,9 +276,9 @@ class _AnthropicStream:
             self._on_delta(obj)
         elif kind == "message_delta":
             self.finish_reason = _field(_field(obj, "delta", dict, {}), "stop_reason", str, self.finish_reason)
-            usage = _field(obj, "usage", dict)
+            usage = obj.get("usage")
             if usage is not None:
-                self._merge_usage(usage)
+                self._merge_usage(usage, event.data, "output")
                 self.final = True
         elif kind == "message_stop":
             self.done = True
@@ -244,13 +287,18 @@ class _AnthropicStream:
         # ping, content_block_stop and event types added later carry nothing to meter (Anthropic's
         # versioning policy says new event types may appear and should be skipped).
 
-    def _merge_usage(self, usage: dict[str, Any]) -> None:
-        # message_delta's figures are cumulative: the latest non-null value of each field wins.
-        merged = {**self.usage, **{key: value for key, value in usage.items() if value is not None}}
+    def _merge_usage(self, usage: Any, data: str, required: str) -> None:
+        # message_delta's figures are cumulative: the latest non-null value of each field wins. message_start
+        # must give the input count, message_delta the output count: left out, either would be billed as 0
+        # (or as message_start's provisional output).
         try:
+            if not isinstance(usage, dict):
+                raise InvalidUsage("usage", f"must be an object, got {type(usage).__name__}")
+            merged = {**self.usage, **{key: value for key, value in usage.items() if value is not None}}
             UsageRecord.from_anthropic(self.model, merged)
-        except _BAD_USAGE as exc:
-            raise _Malformed(str(exc)) from exc
+            require_figures(usage, "anthropic", (required,))
+        except InvalidUsage as exc:
+            raise self.reject(exc, data) from exc
         self.usage = merged
 
     def _on_block_start(self, obj: dict[str, Any]) -> None:
@@ -294,7 +342,10 @@ class _AnthropicStream:
     def _arguments(block: _Block) -> str:
         if block.parts:
             return "".join(block.parts)
-        return compact_json(block.input) if block.input is not None else ""
+        try:
+            return compact_json(block.input) if block.input is not None else ""
+        except RequestError:  # an input nested too deeply to write back: nothing countable was delivered
+            return ""
 
     def text(self) -> str:
         return "".join("".join(b.parts) for b in self._ordered() if b.kind == "text")
@@ -364,6 +415,8 @@ class StreamAccumulator:
                 error=stream.error,
                 malformed_lines=self._malformed + self._decoder.unknown_lines,
                 events=self._events,
+                rejected_usage=tuple(stream.rejected),
+                invalid_bytes=self._decoder.invalid_bytes,
             )
         return self._result
 

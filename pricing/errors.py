@@ -23,6 +23,18 @@ class UnknownModel(BillingError, KeyError):
         return self.args[0]
 
 
+class FieldError(BillingError, ValueError):
+    """A value handed to the billing core that is wrong; ``field`` names it (``usage.prompt_tokens``, ``at``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.reason = message
+        super().__init__(f"{field}: {message}")
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable across processes, like the ledger's errors
+        return (type(self), (self.field, self.reason))
+
+
 class PriceNotFound(BillingError, LookupError):
     """A known model with no price version in force at the event time (or no such group/rate)."""
 

@@ -20,7 +20,13 @@ from fractions import Fraction
 from typing import Any
 
 from pricing.table import RATE_FIELDS, CompiledVersion, PriceTable, QuotaPlan, as_timestamp
-from pricing.usage import UsageRecord
+from pricing.usage import InvalidUsage, UsageRecord
+
+#: The most quota one request may cost: 10^18 units ($2 trillion at 500,000 units per USD). The ledger keeps
+#: quota in signed 64-bit integers (up to 9.2 x 10^18): one charge always fits with room for a balance to
+#: carry several. Counts are bounded (``pricing.usage.MAX_COUNT``) and so are prices, but not their product
+#: at every multiplier: checked here, so an absurd charge is an ``InvalidUsage``, never a database overflow.
+MAX_QUOTA = 10**18
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +130,7 @@ def price(
     usd = Fraction(sum(count * rate for count, rate in zip(counts, rates, strict=True)), denominator)
     charged = usd * multiplier
     exact_units = charged * table.units_per_usd
+    units = _in_range(-(-exact_units.numerator // exact_units.denominator))
     return PricedUsage(
         model=usage.model,
         priced_model=entry.name,
@@ -134,7 +141,7 @@ def price(
         multiplier=multiplier,
         usd=usd,
         charged_usd=charged,
-        quota=-(-exact_units.numerator // exact_units.denominator),
+        quota=units,
         exact_units=exact_units,
         breakdown=breakdown,
     )
@@ -168,7 +175,14 @@ def quota(table: PriceTable, usage: UsageRecord, at: float, group: str = "defaul
         + requests * r[6]
         + usage.web_search_requests * r[7]
     )
-    return -(-total // plan.divisor)
+    return _in_range(-(-total // plan.divisor))
+
+
+def _in_range(units: int) -> int:
+    """``units`` if the ledger can hold it, else ``InvalidUsage``: never an overflow in the database."""
+    if units > MAX_QUOTA:
+        raise InvalidUsage("usage", f"costs {units} quota units, more than one request can be charged ({MAX_QUOTA})")
+    return units
 
 
 _NO_PLANS: dict[str, QuotaPlan] = {}
@@ -181,7 +195,7 @@ def _quota_slow(table: PriceTable, usage: UsageRecord, at: float, group: str, re
     rates, _ = _rates_for(compiled, usage.total_input_tokens)
     total = sum(count * rate for count, rate in zip(_counts(usage, requests), rates, strict=True))
     numerator = total * multiplier.numerator * table.units_per_usd
-    return -(-numerator // (compiled.denominator * multiplier.denominator))
+    return _in_range(-(-numerator // (compiled.denominator * multiplier.denominator)))
 
 
 def now() -> datetime:

@@ -14,7 +14,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from pricing.errors import PriceNotFound
+from pricing.errors import FieldError, PriceNotFound
 from pricing.quote import decimal_text
 from pricing.schema import RechargeRate
 from pricing.table import PriceTable, as_timestamp
@@ -58,13 +58,39 @@ def rate_in_force(table: PriceTable, currency: str, at: datetime | float) -> Rec
     raise PriceNotFound(f"no recharge rate for {currency} at {datetime.fromtimestamp(moment).isoformat()}")
 
 
+#: The most one top-up may pay, and its finest fraction (USDT has 6 decimals; cents need 2).
+MAX_TOPUP_AMOUNT = Decimal(10**9)
+AMOUNT_DECIMAL_PLACES = 8
+
+
+def topup_amount(amount: Decimal | str | int) -> Decimal:
+    """``amount`` as the exact decimal paid, or ``FieldError('amount')``: a positive number up to a billion
+    with at most 8 decimal places, given as text, an int or a Decimal (a float has already lost its cents)."""
+    if isinstance(amount, bool) or not isinstance(amount, (Decimal, str, int)):
+        raise FieldError("amount", f"must be a decimal number as text, an int or a Decimal, got {type(amount).__name__}")
+    if isinstance(amount, str) and len(amount) > 64:
+        raise FieldError("amount", f"must be a decimal number, got {len(amount)} characters")
+    try:
+        paid = Decimal(amount)
+    except ArithmeticError:
+        raise FieldError("amount", f"must be a decimal number, got {amount!r}") from None
+    if not paid.is_finite() or paid <= 0:
+        raise FieldError("amount", f"must be a positive number, got {amount!r}")
+    if paid > MAX_TOPUP_AMOUNT:
+        raise FieldError("amount", f"{amount!r} is more than one top-up may pay ({MAX_TOPUP_AMOUNT})")
+    exponent = paid.as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > AMOUNT_DECIMAL_PLACES and paid != paid.quantize(Decimal(1).scaleb(-AMOUNT_DECIMAL_PLACES)):
+        raise FieldError("amount", f"{amount!r} has more than {AMOUNT_DECIMAL_PLACES} decimal places")
+    return paid
+
+
 def quote_topup(table: PriceTable, amount: Decimal | str | int, currency: str, at: datetime | float) -> TopupQuote:
     """USD credit and quota bought by paying ``amount`` of ``currency`` at time ``at``."""
-    paid = Decimal(amount)
-    if not paid.is_finite() or paid <= 0:
-        raise ValueError(f"amount must be a positive number, got {amount!r}")
+    paid = topup_amount(amount)
     rate = rate_in_force(table, currency, at)
     credit = Fraction(paid) * Fraction(rate.usd_per_unit)
+    if math.floor(credit * table.units_per_usd) < 1:
+        raise FieldError("amount", f"{amount!r} {currency} buys no quota unit (at {rate.id})")
     reference = next((r for r in table.reference_rates if r.currency == currency), None)
     if reference is None:  # paying in USD or USDT: show the price in the first reference currency
         reference = table.reference_rates[0] if table.reference_rates else None

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from pricing.errors import FieldError
+
 
 class UsageSource(StrEnum):
     """Where the figures of a usage record come from, from most to least trustworthy."""
@@ -31,8 +33,19 @@ class UsageSource(StrEnum):
         return max(sources, key=order.index)
 
 
-class InvalidUsage(ValueError):
-    """A usage record whose figures contradict each other (negative, or reasoning above output)."""
+class InvalidUsage(FieldError):
+    """Usage that cannot be billed: a figure of the wrong type, negative, absurdly large, or contradicting
+    another (reasoning above output, cached above prompt). ``field`` names the figure
+    (``usage.prompt_tokens_details.cached_tokens`` for a provider's usage object, ``input_tokens`` for a record)."""
+
+
+#: The largest count one request can report in any bucket. The largest context windows hold a few
+#: million tokens; a figure above ten trillion is a corrupted or hostile payload (an overflowed or
+#: uninitialized counter, a timestamp in the wrong field, 2^63), never usage. What a request may be
+#: charged is bounded separately (``pricing.quote.MAX_QUOTA``).
+MAX_COUNT = 10**13
+#: Model names are stored in VARCHAR(190) columns (MariaDB's utf8mb4 index limit).
+MAX_MODEL_LENGTH = 190
 
 
 _COUNT_FIELDS = (
@@ -65,19 +78,25 @@ class UsageRecord:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.provider, str) or not 0 < len(self.provider) <= 32:
+            raise InvalidUsage("provider", f"must be a provider name, got {_shown(self.provider)}")
+        if not isinstance(self.model, str) or not self.model.strip() or len(self.model) > MAX_MODEL_LENGTH:
+            raise InvalidUsage("model", f"must be a model name of 1 to {MAX_MODEL_LENGTH} characters, got {_shown(self.model)}")
+        if not self.model.isprintable():  # control characters and lone surrogates: no database stores them alike
+            raise InvalidUsage("model", f"must be printable text, got {_shown(self.model)}")
         for name in _COUNT_FIELDS:
-            value = getattr(self, name)
-            # bool is an int subclass; a True token count is a bug upstream, not a 1.
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise InvalidUsage(f"{name} must be an int, got {type(value).__name__}")
-            if value < 0:
-                raise InvalidUsage(f"{name} must not be negative, got {value}")
+            _check_count(name, getattr(self, name))
         if self.reasoning_tokens > self.output_tokens:
             raise InvalidUsage(
-                f"reasoning_tokens ({self.reasoning_tokens}) is part of output_tokens ({self.output_tokens}) "
-                "and cannot exceed it"
+                "reasoning_tokens",
+                f"{self.reasoning_tokens} is part of output_tokens ({self.output_tokens}) and cannot exceed it",
             )
-        object.__setattr__(self, "source", UsageSource(self.source))
+        try:
+            object.__setattr__(self, "source", UsageSource(self.source))
+        except ValueError:
+            raise InvalidUsage("source", f"must be one of upstream, local, estimated; got {_shown(self.source)}") from None
+        if not isinstance(self.extra, dict):
+            raise InvalidUsage("extra", f"must be a dict, got {type(self.extra).__name__}")
 
     @property
     def total_input_tokens(self) -> int:
@@ -100,39 +119,48 @@ class UsageRecord:
     @classmethod
     def from_openai(cls, model: str, usage: dict[str, Any], **extra_fields: Any) -> "UsageRecord":
         """Map an OpenAI ``usage`` object (chat completions or responses API) into disjoint buckets."""
+        _object(usage, "usage")
         prompt = _int(usage, "prompt_tokens", "input_tokens")
         completion = _int(usage, "completion_tokens", "output_tokens")
-        prompt_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-        completion_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-        cached = _int(prompt_details, "cached_tokens")
+        prompt_details = _details(usage, "prompt_tokens_details", "input_tokens_details")
+        completion_details = _details(usage, "completion_tokens_details", "output_tokens_details")
+        cached = _int(prompt_details, "cached_tokens", prefix=_prefix(usage, "prompt_tokens_details", "input_tokens_details"))
+        reasoning = _int(
+            completion_details, "reasoning_tokens", prefix=_prefix(usage, "completion_tokens_details", "output_tokens_details")
+        )
         if cached > prompt:
-            raise InvalidUsage(f"cached_tokens ({cached}) exceeds prompt_tokens ({prompt})")
+            raise InvalidUsage("usage.prompt_tokens_details.cached_tokens", f"{cached} exceeds prompt_tokens ({prompt})")
+        if reasoning > completion:
+            raise InvalidUsage(
+                "usage.completion_tokens_details.reasoning_tokens", f"{reasoning} exceeds completion_tokens ({completion})"
+            )
         return cls(
             provider="openai",
             model=model,
             input_tokens=prompt - cached,
             cached_input_tokens=cached,
             output_tokens=completion,
-            reasoning_tokens=_int(completion_details, "reasoning_tokens"),
+            reasoning_tokens=reasoning,
             **extra_fields,
         )
 
     @classmethod
     def from_anthropic(cls, model: str, usage: dict[str, Any], **extra_fields: Any) -> "UsageRecord":
         """Map an Anthropic ``usage`` object (Messages API) into disjoint buckets."""
+        _object(usage, "usage")
         creation_total = _int(usage, "cache_creation_input_tokens")
-        split = usage.get("cache_creation") or {}
-        write_5m = _int(split, "ephemeral_5m_input_tokens")
-        write_1h = _int(split, "ephemeral_1h_input_tokens")
+        split = _details(usage, "cache_creation")
+        write_5m = _int(split, "ephemeral_5m_input_tokens", prefix="usage.cache_creation.")
+        write_1h = _int(split, "ephemeral_1h_input_tokens", prefix="usage.cache_creation.")
         if not split:
             write_5m = creation_total  # no split given: the default cache TTL is 5 minutes
         elif write_5m + write_1h != creation_total and creation_total:
             raise InvalidUsage(
-                f"cache_creation split ({write_5m} + {write_1h}) does not add up to "
-                f"cache_creation_input_tokens ({creation_total})"
+                "usage.cache_creation",
+                f"the split ({write_5m} + {write_1h}) does not add up to cache_creation_input_tokens ({creation_total})",
             )
-        server_tools = usage.get("server_tool_use") or {}
-        extra_fields.setdefault("web_search_requests", _int(server_tools, "web_search_requests"))
+        server_tools = _details(usage, "server_tool_use")
+        extra_fields.setdefault("web_search_requests", _int(server_tools, "web_search_requests", prefix="usage.server_tool_use."))
         return cls(
             provider="anthropic",
             model=model,
@@ -145,13 +173,51 @@ class UsageRecord:
         )
 
 
-def _int(obj: dict[str, Any], *names: str) -> int:
-    """The first present integer field of ``obj`` among ``names`` (absent or null is 0)."""
+def _shown(value: Any) -> str:
+    """A value for an error message: its repr, cut short (a payload may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_count(field: str, value: Any) -> int:
+    """``value`` if it is a count a request can report: an int (not a bool), 0 <= value <= MAX_COUNT."""
+    # bool is an int subclass; a True token count is a bug upstream, not a 1. Floats (1.0, NaN) are refused
+    # too: a count is never fractional, and a float above 2^53 has already lost digits.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidUsage(field, f"must be an integer, got {type(value).__name__} {_shown(value)}")
+    if value < 0:
+        raise InvalidUsage(field, f"must not be negative, got {value}")
+    if value > MAX_COUNT:
+        raise InvalidUsage(field, f"{_shown(value)} is beyond any request (at most {MAX_COUNT:,})")
+    return value
+
+
+def _object(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidUsage(field, f"must be an object, got {type(value).__name__}")
+    return value
+
+
+def _details(usage: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The first present nested object among ``names``; absent, null or empty is empty."""
+    for name in names:
+        value = usage.get(name)
+        if value is not None and value != {}:
+            return _object(value, f"usage.{name}")
+    return {}
+
+
+def _prefix(usage: dict[str, Any], *names: str) -> str:
+    """The path prefix of the nested object ``_details`` took (for error messages)."""
+    name = next((n for n in names if usage.get(n) is not None and usage.get(n) != {}), names[0])
+    return f"usage.{name}."
+
+
+def _int(obj: dict[str, Any], *names: str, prefix: str = "usage.") -> int:
+    """The first present count of ``obj`` among ``names`` (absent or null is 0), checked by ``_check_count``."""
     for name in names:
         value = obj.get(name)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise InvalidUsage(f"usage field {name} must be an integer, got {value!r}")
-        return value
+        return _check_count(prefix + name, value)
     return 0

@@ -35,7 +35,7 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 #: The export library's argument names -> the command line's.
-EXPORT_FIELDS = {"kind": "kind", "start": "--from", "end": "--to", "out": "--out"}
+EXPORT_FIELDS = {"kind": "kind", "start": "--from", "end": "--to", "out": "--out", "root": "--dir"}
 
 TzOption = Annotated[
     Optional[str],
@@ -268,6 +268,9 @@ def export(
     end: ToOption,
     out: Annotated[Path, typer.Option("--out", help="The CSV file to write (a PATH.manifest.json beside it).")],
     excel: Annotated[bool, typer.Option("--excel", help="UTF-8 with a BOM, for Excel in Chinese locales.")] = False,
+    root: Annotated[Optional[Path], typer.Option(
+        "--dir", help="Export directory: a relative --out is taken inside it, and --out must resolve inside it "
+        "(symlinks and .. followed), else exit 2 with nothing written.", show_default=False)] = None,
     db: DbOption = None,
     tz: TzOption = None,
     quiet: QuietOption = False,
@@ -280,6 +283,10 @@ def export(
     if kind not in KINDS:
         fail("kind", f"unknown export {kind!r} (choose from {', '.join(KINDS)})")
     first, last = _range(start, end)
+    if root is not None:
+        if not root.is_dir():
+            fail("--dir", f"{root} is not an existing directory")
+        out = root / out  # a relative --out is inside --dir; an absolute one stays as given (and is checked)
     if out.is_dir():
         fail("--out", f"{out} is a directory: give the CSV file's path")
     calendar = _calendar(tz)
@@ -287,14 +294,14 @@ def export(
     from workers.export import check_request, export as write_export
 
     try:
-        check_request(kind, first, last, out)
+        check_request(kind, first, last, out, root)
     except InvalidArgument as exc:
         fail(EXPORT_FIELDS.get(exc.field, exc.field), exc.message)
     meter = _open_meter(db)
     try:
         with row_bar(stderr, showing(stdout, quiet or as_json), f"{kind} rows") as progress:
             manifest = write_export(meter.engine, kind, first, last, out, calendar=calendar, excel=excel,
-                                    progress=progress, jobs=jobs or None)
+                                    progress=progress, jobs=jobs or None, root=root)
     finally:
         meter.close()
     if as_json:

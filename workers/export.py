@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 from metering.ledger.database import READ_ONLY
 from workers.atomic_file import AtomicFile, write_atomically
 from workers.calendar import BusinessCalendar
+from workers.containment import contained
 from workers.csv_writer import UTF8_BOM, CsvChunkWriter
 from workers.errors import InvalidArgument
 from workers.export_columns import COLUMNS, column_names
@@ -46,8 +47,12 @@ def manifest_path(out: Path) -> Path:
     return Path(f"{out}.manifest.json")
 
 
-def check_request(kind: str, start: date, end: date, out: Path | None = None) -> None:
-    """Refuse a bad export request with ``InvalidArgument`` naming the field (kind, start, end, out)."""
+def check_request(kind: str, start: date, end: date, out: Path | None = None, root: Path | None = None) -> None:
+    """Refuse a bad export request with ``InvalidArgument`` naming the field (kind, start, end, out, root).
+
+    ``root``: the export directory ``out`` must stay inside (``workers.containment``: symlinks and ``..``
+    resolved); None leaves ``out`` wherever the caller put it.
+    """
     if kind not in KINDS:
         raise InvalidArgument("kind", f"unknown export {kind!r} (choose from {', '.join(KINDS)})")
     for field, value in (("start", start), ("end", end)):
@@ -62,11 +67,13 @@ def check_request(kind: str, start: date, end: date, out: Path | None = None) ->
         raise InvalidArgument("out", f"{out} is a directory: give the CSV file's path")
     if not out.parent.is_dir():
         raise InvalidArgument("out", f"the directory {out.parent} does not exist")
+    if root is not None:
+        contained(out, root, "out", "root")
 
 
 def export(
     engine: Engine, kind: str, start: date, end: date, out: Path, *, calendar: BusinessCalendar,
-    excel: bool = False, progress: Callable[[int], None] | None = None, jobs: int | None = 1,
+    excel: bool = False, progress: Callable[[int], None] | None = None, jobs: int | None = 1, root: Path | None = None,
 ) -> dict[str, Any]:
     """Write the ``kind`` export of business days ``start..end`` to ``out`` atomically; returns the manifest.
 
@@ -75,8 +82,9 @@ def export(
     this process only. None: the machine's cores (at most 4) once the range holds enough rows to pay for
     starting them (the command line's default). Workers are spawned, so a script that asks for them must
     guard its top level with ``if __name__ == "__main__":``. The bytes are the same either way.
+    ``root``: refuse (``InvalidArgument``, field ``out``) an ``out`` that resolves outside this directory.
     """
-    check_request(kind, start, end, out)
+    check_request(kind, start, end, out, root)
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise InvalidArgument("jobs", f"expected a whole number of processes (at least 1) or None, got {jobs!r}")
     out = Path(out)

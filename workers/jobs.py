@@ -95,6 +95,7 @@ class Worker:
         """Write each day's usage, rollup and invoice CSVs into ``out`` unless they are there already."""
         if self.out is None or not days:
             return []
+        from workers.containment import contained
         from workers.export import KINDS, export
 
         manifests = []
@@ -103,10 +104,14 @@ class Worker:
                 path = export_path(self.out, kind, day)
                 if self.stop.is_set():
                     return manifests
+                self.out.mkdir(parents=True, exist_ok=True)
+                # Before the "already there" test, which follows symlinks: a file planted in --out that
+                # leads outside it is refused (InvalidArgument, field out), never taken for a finished export.
+                contained(path, self.out, "out", "out")
                 if path.exists() and Path(f"{path}.manifest.json").exists():
                     continue
-                self.out.mkdir(parents=True, exist_ok=True)
-                manifest = export(self.meter.engine, kind, day, day, path, calendar=self.calendar, jobs=None)
+                manifest = export(self.meter.engine, kind, day, day, path, calendar=self.calendar, jobs=None,
+                                  root=self.out)
                 manifests.append({"kind": kind, "day": day.isoformat(), "path": str(path), "manifest": manifest})
                 log.info("exported %s", path)
         return manifests

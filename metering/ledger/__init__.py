@@ -2,7 +2,9 @@
 
 from metering.ledger.errors import (
     DuplicateReference,
+    InvalidField,
     KeyRejected,
+    LedgerBusy,
     LedgerError,
     NotFound,
     QuotaExceeded,
@@ -12,6 +14,6 @@ from metering.ledger.errors import (
 from metering.ledger.meter import AuditReport, HoldTicket, Meter, Receipt, Violation
 
 __all__ = [
-    "AuditReport", "DuplicateReference", "HoldTicket", "KeyRejected", "LedgerError", "Meter", "NotFound",
+    "AuditReport", "DuplicateReference", "HoldTicket", "InvalidField", "KeyRejected", "LedgerBusy", "LedgerError", "Meter", "NotFound",
     "QuotaExceeded", "Receipt", "SettleConflict", "UnsafeDatabase", "Violation",
 ]

@@ -4,12 +4,18 @@ SQLite (the embedded default): WAL journal, a busy timeout, foreign keys on, and
 opened with ``BEGIN IMMEDIATE`` so writers queue for the lock up front instead of failing on upgrade
 (SQLAlchemy's documented recipe for pysqlite); a connection given the ``READ_ONLY`` execution option
 opens a plain (deferred) ``BEGIN`` instead, a snapshot that takes no write lock. A database file on a
-network filesystem is refused: SQLite's locking is not reliable there. PostgreSQL (psycopg 3) and
+network filesystem is refused: SQLite's locking is not reliable there. A new database file is created
+readable and writable by its owner only (0600, whatever the umask; its -wal and -shm files take the
+same mode, which SQLite copies from the database file); an existing file keeps the mode its operator
+gave it. PostgreSQL (psycopg 3) and
 MySQL/MariaDB (PyMySQL) use their defaults (READ COMMITTED / REPEATABLE READ): every balance change is a
 conditional UPDATE whose WHERE is re-checked on the latest row under its row lock, which is what makes it
 safe under concurrency. Their pooled connections are not pinged at checkout (a round trip per
 transaction); they are recycled after ``POOL_RECYCLE_SECONDS``, and the ledger runs a transaction again
 once when its connection turns out to have been dropped before the commit.
+
+Every engine hides statement parameters from its log lines and error messages (``hide_parameters``):
+the parameters include the sha256 of API keys and redemption codes, which must never reach a log.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ NETWORK_FILESYSTEMS = frozenset(
 POOL_RECYCLE_SECONDS = 1800
 #: Execution option of a read-only connection: on SQLite its transactions open with a deferred BEGIN.
 READ_ONLY = "ledger_read_only"
+#: Mode of a new SQLite database file: its owner only (it holds balances, names and the keys' hashes).
+SQLITE_FILE_MODE = 0o600
 #: Driver to use when a URL names only the database kind.
 DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql", "mariadb": "mysql+pymysql"}
 
@@ -66,12 +74,34 @@ def filesystem_type(path: Path, mounts_text: str | None = None) -> str | None:
     return kind
 
 
+def create_private_file(path: Path) -> bool:
+    """Create ``path`` empty with mode 0600 unless it exists; True if it was created here.
+
+    SQLite would create the file with 0644 (0666 less a usual umask): anyone on the machine could read
+    every balance and name. An empty file is an empty database to SQLite. A file that exists already is
+    left as it is: its mode is the operator's choice (e.g. 0640 for a backup group), and SQLite gives the
+    -wal and -shm files that same mode.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE)
+    except FileExistsError:
+        return False  # another process (or the operator) created it: never re-moded
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, SQLITE_FILE_MODE)  # exactly 0600: a umask like 0277 would have left it unwritable
+    finally:
+        os.close(fd)
+    return True
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url`` (sqlite:///path, postgresql://..., mysql://...), configured for the ledger."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_recycle=POOL_RECYCLE_SECONDS, pool_size=5, max_overflow=10)
+        return create_engine(
+            url, pool_recycle=POOL_RECYCLE_SECONDS, pool_size=5, max_overflow=10, hide_parameters=True
+        )
     database = parsed.database
     if database and database != ":memory:":
         directory = Path(database).expanduser().resolve().parent
@@ -79,7 +109,11 @@ def make_engine(url: str) -> Engine:
         if kind in NETWORK_FILESYSTEMS:
             raise UnsafeDatabase(f"{database} is on a network filesystem ({kind}): SQLite's locks are not reliable there")
         os.makedirs(directory, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+        if str(parsed.query.get("uri", "")).lower() not in ("true", "1"):  # a file: URI is opened as the operator wrote it
+            create_private_file(Path(os.path.abspath(database)))  # the very path pysqlite opens
+    engine = create_engine(
+        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}, hide_parameters=True
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]

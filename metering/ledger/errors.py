@@ -82,3 +82,46 @@ class NotFound(LedgerError):
 
 class UnsafeDatabase(LedgerError):
     """A database we refuse: SQLite on a network filesystem (its locks are not reliable there)."""
+
+
+class InvalidField(LedgerError, ValueError):
+    """A value the ledger refuses to store (e.g. a name no database could keep byte for byte); ``field`` names it.
+
+    ``str(error)`` starts with the field (``name: ...``); the value itself is never echoed.
+    """
+
+    http_status = 400
+    error_type = "invalid_request_error"
+    error_code = "invalid_field"
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.field, self.message))
+
+
+class LedgerBusy(LedgerError):
+    """The database could not finish the call now: retry the same call (same request id, reference or code).
+
+    Raised when a lock wait timed out or a deadlock persisted after the ledger's own retries, when the
+    connection dropped twice, or when the connection failed at the COMMIT. In the first cases nothing was
+    written; in the last (``maybe_applied``) the COMMIT may have been applied, and the retry, keyed by the
+    same idempotency key, finds it and returns the first result (or ``False`` / ``DuplicateReference`` for
+    a release or a redemption already done): the effect happens exactly once either way.
+    """
+
+    http_status = 503
+    error_type = "server_error"
+    error_code = "ledger_busy"
+    retryable = True
+
+    def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
+        self.maybe_applied = maybe_applied
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes, like the other typed errors
+        return (type(self), (str(self),), {"maybe_applied": self.maybe_applied})
+

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
@@ -31,10 +33,14 @@ from sqlmodel import SQLModel
 
 from metering.completion import usage_from_response
 from metering.counting import count_request
+from metering.ledger import inputs, quarantine
 from metering.ledger.database import READ_ONLY, make_engine
-from metering.ledger.errors import DuplicateReference, KeyRejected, NotFound, QuotaExceeded, SettleConflict
+from metering.ledger.errors import (
+    DuplicateReference, InvalidField, KeyRejected, LedgerBusy, NotFound, QuotaExceeded, SettleConflict,
+)
 from metering.ledger.statements import (
     BALANCE_NOW,
+    CODE_BY_HASH,
     HOLD_BY_ID,
     HOLD_BY_REQUEST,
     INSERT_ENTRY,
@@ -56,10 +62,10 @@ from metering.ledger.tables import ApiKey, GrantRecord, Hold, LedgerEntry, Redem
 from metering.models import resolve_model
 from metering.prompt_count import PromptCount
 from metering.streams import StreamAccumulator, StreamResult
-from pricing.quote import decimal_text, price, quota
+from pricing.quote import MAX_QUOTA, decimal_text, price, quota
 from pricing.recharge import grant_quota, quote_topup
 from pricing.table import PriceTable, load_price_table
-from pricing.usage import UsageRecord, UsageSource
+from pricing.usage import InvalidUsage, UsageRecord, UsageSource
 
 T = TypeVar("T")
 USERS, KEYS, HOLDS = User.__table__, ApiKey.__table__, Hold.__table__  # type: ignore[attr-defined]
@@ -70,6 +76,8 @@ ORDERS, GRANTS, CODES = TopupOrder.__table__, GrantRecord.__table__, RedemptionC
 ENTRY_KINDS = ("grant", "topup", "redemption", "hold", "release", "charge", "adjustment")
 SECRET_PREFIX = "sk-mtr-"
 DEFAULT_HOLD_TTL = timedelta(minutes=10)
+#: How a request ended (a stream's status; ``record_usage``'s ``outcome``).
+OUTCOMES = ("completed", "aborted", "error")
 #: Deadlocks and serialization failures are retried this many times (the transaction is all-or-nothing).
 MAX_RETRIES = 8
 
@@ -79,12 +87,10 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def _naive_utc(moment: datetime | None) -> datetime:
+def _naive_utc(moment: datetime | None, field: str = "at") -> datetime:
     if moment is None:
         return utcnow()
-    if moment.tzinfo is None:
-        raise ValueError(f"{moment.isoformat()} has no time zone")
-    return moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return inputs.naive_utc(moment, field)  # InvalidField naming ``field``: naive, or out of range once in UTC
 
 
 def _aware(moment: datetime) -> datetime:
@@ -92,11 +98,9 @@ def _aware(moment: datetime) -> datetime:
 
 
 def _identifier(value: str, field: str) -> str:
-    """A request id, reference or name: non-empty, and no spaces around it (MariaDB's collations compare
-    'a' and 'a ' as equal: refusing them keeps every database's idea of "the same id" identical)."""
-    if not isinstance(value, str) or not value or value != value.strip():
-        raise ValueError(f"{field} must be a non-empty string without leading or trailing spaces, got {value!r}")
-    return value
+    """A request id, reference or channel as every database stores and compares it (``inputs.identifier``)."""
+    limit = inputs.CHANNEL_MAX_CHARS if field == "channel" else inputs.IDENTIFIER_MAX_CHARS
+    return inputs.identifier(value, field, limit)
 
 
 def secret_hash(secret: str) -> str:
@@ -104,10 +108,55 @@ def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+#: Compared against when no row was found, so a miss does the same work as a hit (no stored hash is this).
+_NO_SUCH_HASH = "0" * 64
+#: The longest user or key name: the columns are VARCHAR(190) (PostgreSQL and MariaDB refuse more, SQLite not).
+NAME_MAX_CHARS = 190
+
+
+def _presented_hash(secret: object) -> str:
+    """sha256 of the key or code a client presented; what no text string can be hashes to a value no row has.
+
+    ``surrogatepass``: a lone surrogate (possible in a decoded header) hashes like any other text instead
+    of raising an encoding error that would carry the whole string.
+    """
+    if not isinstance(secret, str):
+        return _NO_SUCH_HASH
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _matches(stored: str | None, presented: str) -> bool:
+    """The stored hash equals the presented one, compared in constant time (a missing row compares too)."""
+    return hmac.compare_digest((stored or _NO_SUCH_HASH).encode("ascii"), presented.encode("ascii")) and stored is not None
+
+
+def _name(value: object, field: str) -> str:
+    """A user's or key's name, kept byte for byte: any text every database stores exactly, else ``InvalidField``.
+
+    Quotes, SQL, formula starters, markup, line breaks, emoji and bidi controls are all kept (statements
+    bind them as parameters; exports and reports neutralize or escape them). Refused: NUL (PostgreSQL cannot
+    store it), lone surrogates (not UTF-8) and more than the columns' 190 characters.
+    """
+    if not isinstance(value, str):
+        raise InvalidField(field, f"expected text, got {type(value).__name__}")
+    if len(value) > NAME_MAX_CHARS:
+        raise InvalidField(field, f"at most {NAME_MAX_CHARS} characters, got {len(value)}")
+    for position, char in enumerate(value):
+        if char == "\0" or unicodedata.category(char) == "Cs":
+            raise InvalidField(field, f"U+{ord(char):04X} at position {position} cannot be stored (NUL or a lone surrogate)")
+    return value
+
+
 def _is_retryable(exc: DBAPIError) -> bool:
     text = str(exc.orig).lower()
-    code = getattr(exc.orig, "sqlstate", None) or (exc.orig.args[0] if getattr(exc.orig, "args", None) else None)
-    return code in ("40001", "40P01", 1213, 1205) or "deadlock" in text or "database is locked" in text
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    # The MySQL error number is checked as well as the SQLSTATE: PyMySQL >= 1.1 sets ``sqlstate`` too, and a
+    # lock wait timeout (1205) is SQLSTATE HY000, a generic state (tests/test_faults.py found it never retried).
+    errno = exc.orig.args[0] if getattr(exc.orig, "args", None) else None
+    # 55P03 (lock_not_available): a PostgreSQL lock_timeout gave up the wait; like MariaDB's 1205 it wrote
+    # nothing (the transaction is rolled back) and the whole transaction can run again.
+    return (sqlstate in ("40001", "40P01", "55P03") or errno in (1213, 1205) or "deadlock" in text
+            or "database is locked" in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +265,23 @@ class Meter:
                 if exc.connection_invalidated and not dropped and db is not None and not db.committing:
                     dropped = True
                     continue
-                if isinstance(exc, IntegrityError) or not _is_retryable(exc) or attempt == MAX_RETRIES - 1:
+                if isinstance(exc, IntegrityError):
                     raise
+                retryable = _is_retryable(exc)
+                # A transient failure the caller can only retry is raised typed (LedgerBusy, 503), never as a
+                # raw driver error it cannot tell from a bug: the COMMIT failed (the connection dropped with
+                # it, tests/test_faults.py) and may have been applied, so the caller retries with the same
+                # request id / reference / code and the unique constraints make it exactly one effect.
+                if db is not None and db.committing and not retryable:
+                    raise LedgerBusy("the database connection failed at the COMMIT: the call may have been applied; "
+                                     "retry it with the same request id", maybe_applied=True) from exc
+                if exc.connection_invalidated:
+                    raise LedgerBusy("the database connection dropped twice: nothing was applied; retry") from exc
+                if not retryable:
+                    raise
+                if attempt == MAX_RETRIES - 1:
+                    raise LedgerBusy(f"the database is busy (lock wait or deadlock, {MAX_RETRIES} attempts): "
+                                     "nothing was applied; retry") from exc
                 time.sleep(0.005 * (attempt + 1) * (1 + secrets.randbelow(4)))
         raise AssertionError("unreachable")
 
@@ -234,8 +298,10 @@ class Meter:
                     with connection.execution_options(**{READ_ONLY: True}).begin():
                         return work(Db(connection, self._statements))
             except DBAPIError as exc:
-                if attempt or not exc.connection_invalidated:
+                if not exc.connection_invalidated:
                     raise
+                if attempt:  # dropped twice: typed, like a write's (a read is always safe to retry)
+                    raise LedgerBusy("the database connection dropped twice during a read; retry") from exc
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -274,9 +340,11 @@ class Meter:
     def create_user(self, name: str, group: str = "default") -> int:
         """Create a user in ``group`` (a group of the price table) with a zero balance; returns its id."""
         self.prices.group_multiplier(group)  # an unknown group is refused here, not at the first request
-        _identifier(name, "name")
+        _name(name, "name")
+        if not name or name != name.strip():
+            raise InvalidField("name", "a user name must be non-empty, without leading or trailing spaces")
         if name.isdigit():
-            raise ValueError(f"a user name must be non-empty and not only digits (digits name a user id): {name!r}")
+            raise InvalidField("name", f"a user name must not be only digits (digits name a user id): {name!r}")
 
         def work(db: Db) -> int:
             result = db.execute(insert(USERS).values(name=name, price_group=group, balance=0, created_at=utcnow()))
@@ -319,14 +387,17 @@ class Meter:
         expires_at: datetime | None = None,
     ) -> str:
         """Create an API key; returns its secret, which is shown this once and never stored."""
-        if limit_quota is not None and limit_quota < 0:
-            raise ValueError("limit_quota must not be negative (None means unlimited)")
+        if limit_quota is not None and (
+            not isinstance(limit_quota, int) or isinstance(limit_quota, bool) or not 0 <= limit_quota <= MAX_QUOTA
+        ):
+            raise InvalidField("limit_quota", f"must be an integer from 0 to {MAX_QUOTA} (None means unlimited)")
+        _name(name, "name")
         self.user(user_id)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         values = {
             "user_id": user_id, "name": name, "secret_hash": secret_hash(secret),
             "display_prefix": secret[: len(SECRET_PREFIX) + 4] + "...", "status": "enabled",
-            "expires_at": None if expires_at is None else _naive_utc(expires_at),
+            "expires_at": None if expires_at is None else _naive_utc(expires_at, "expires_at"),
             "allowed_models": None if models is None else json.dumps(sorted(models)),
             "limit_quota": limit_quota, "used_quota": 0, "reserved_quota": 0, "created_at": utcnow(),
         }
@@ -335,7 +406,8 @@ class Meter:
 
     def keys(self, user_id: int | None = None) -> list[dict[str, Any]]:
         """API keys (never their secrets): id, user, name, prefix, status, limit, used, reserved."""
-        query = select(KEYS).order_by(KEYS.c.id)
+        # Every column but the hash: a row read through SQLAlchemy is echoed by its DEBUG log.
+        query = select(*(c for c in KEYS.c if c.name != "secret_hash")).order_by(KEYS.c.id)
         if user_id is not None:
             query = query.where(KEYS.c.user_id == user_id)
         rows = self._read(lambda db: db.execute(query).mappings().all())
@@ -356,11 +428,14 @@ class Meter:
         return self._retrying(lambda db: db.execute(revoke).rowcount == 1)
 
     def _key(self, db: Db, secret: str, model: str) -> dict[str, Any]:
-        row = db.row(KEY_BY_SECRET, p_secret_hash=secret_hash(secret))
-        if row is None:
-            raise KeyRejected("invalid API key")  # never echo the secret
-        if row["status"] != "enabled":
-            raise KeyRejected(f"API key {row['display_prefix']} is revoked")
+        presented = _presented_hash(secret)
+        row = db.row(KEY_BY_SECRET, p_secret_hash=presented)
+        # The unique index found the row by its hash; the hash is compared again in constant time (and a
+        # miss against a dummy), and an unknown, a wrong and a revoked key get one answer that says nothing
+        # of the key (never echoed, not even its prefix): which of the three it was is not the caller's to learn.
+        matched = _matches(None if row is None else row["secret_hash"], presented)  # compared even on a miss
+        if row is None or not matched or row["status"] != "enabled":
+            raise KeyRejected("invalid API key")
         if row["expires_at"] is not None and row["expires_at"] <= utcnow():
             raise KeyRejected(f"API key {row['display_prefix']} has expired")
         if row["allowed_models"] is not None:
@@ -397,7 +472,7 @@ class Meter:
     ) -> int:
         """Credit a paid top-up at the recharge rate in force; once per external ``reference``. Returns units."""
         _identifier(reference, "reference")
-        moment = at or datetime.now(timezone.utc)
+        moment = inputs.event_time(at, "at")
         quote = quote_topup(self.prices, amount, currency, moment)
         paid_at = _naive_utc(moment)  # the order's time is the payment's (reports take the paid rate by it)
         self.user(user_id)  # NotFound, not a raw foreign-key IntegrityError
@@ -425,6 +500,9 @@ class Meter:
     def adjust(self, user_id: int, amount: int, reference: str, note: str) -> bool:
         """Post an adjustment entry once per ``reference``; False when it was posted before."""
         _identifier(reference, "reference")
+        if not isinstance(amount, int) or isinstance(amount, bool) or abs(amount) > MAX_QUOTA:
+            raise InvalidField("amount", f"must be an integer from -{MAX_QUOTA} to {MAX_QUOTA}")
+        inputs.text(note, "note")
         self.user(user_id)  # NotFound, not a foreign-key error swallowed as "posted before"
 
         def work(db: Db) -> bool:
@@ -447,6 +525,10 @@ class Meter:
         """Create ``count`` single-use codes worth ``quota_units`` each; the codes are returned this once."""
         if count < 1 or quota_units < 1:
             raise ValueError("count and quota must be positive")
+        if quota_units > MAX_QUOTA:
+            raise InvalidField("quota_units", f"must be at most {MAX_QUOTA}")
+        if batch is not None:
+            inputs.identifier(batch, "batch", 64)
         batch = batch or utcnow().strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
         codes = ["rc-" + secrets.token_urlsafe(18) for _ in range(count)]
         now = utcnow()
@@ -460,8 +542,11 @@ class Meter:
 
         def work(db: Db) -> int:
             self._lock_user(db, user_id)
-            row = db.execute(select(CODES).where(CODES.c.code_hash == secret_hash(code))).mappings().first()
-            if row is None:
+            presented = _presented_hash(code)
+            row = db.row(CODE_BY_HASH, p_code_hash=presented)  # on the driver's cursor: no DEBUG echo of the row
+            # As for keys: compared in constant time, an unknown and a wrong code get one answer, never echoed.
+            matched = _matches(None if row is None else row["code_hash"], presented)  # compared even on a miss
+            if row is None or not matched:
                 raise NotFound("invalid redemption code")
             claimed = db.execute(
                 update(CODES).where(CODES.c.id == row["id"], CODES.c.redeemed_by.is_(None))
@@ -481,8 +566,8 @@ class Meter:
         prompt = count_request(body, model)
         entry, _ = self.prices.resolve(model)
         version = entry.version_at(at.timestamp()).version
-        requested = body.get("max_completion_tokens") or body.get("max_tokens")
-        max_output = requested if isinstance(requested, int) and requested > 0 else version.max_output_tokens
+        requested = inputs.max_output_tokens(body)  # RequestError naming the field: a string, 0, a bool, absurd
+        max_output = requested if requested is not None else version.max_output_tokens
         usage = UsageRecord(provider=entry.provider, model=model, input_tokens=prompt.prompt_tokens, output_tokens=max_output)
         return quota(self.prices, usage, at.timestamp(), group), prompt  # the integer hot path: no exact result needed
 
@@ -498,10 +583,10 @@ class Meter:
         _identifier(request_id, "request_id")
         if channel is not None:
             _identifier(channel, "channel")
-        model = model or request_body.get("model")
+        model = model or inputs.request_body(request_body).get("model")
         if not isinstance(model, str):
             raise KeyRejected("the request names no model", http_status=400, code="model_required")
-        moment = at or datetime.now(timezone.utc)
+        moment = inputs.event_time(at, "at")
         key: dict[str, Any] = {}
 
         def work(db: Db) -> HoldTicket:
@@ -603,19 +688,57 @@ class Meter:
         """Charge the actual usage at the request's time, resolving the hold; a retry returns the first receipt.
 
         Give exactly one of ``response`` (a non-stream response body), ``usage`` or ``stream``. ``channel``
-        (default: the one named at authorize) is the upstream channel that served the request.
+        (default: the one named at authorize) is the upstream channel that served the request. A usage the
+        ledger refuses is quarantined with its reason before the typed error is raised; the hold stays open
+        (docs/ledger.md, "Rejected usage").
         """
+        try:
+            receipt = self._settle(hold, response=response, usage=usage, stream=stream, channel=channel)
+        except quarantine.REJECTIONS as exc:
+            if not getattr(exc, "retryable", False):  # a busy database is retried by the caller, not quarantined
+                source, payload = quarantine.settle_payload(response=response, usage=usage, stream=stream)
+                self._quarantine(exc, source, payload, request_id=getattr(hold, "request_id", None),
+                                 user_id=getattr(hold, "user_id", None), key_id=getattr(hold, "key_id", None),
+                                 hold_id=getattr(hold, "id", None), model=getattr(hold, "model", None))
+            raise
+        if stream is not None:
+            # Billed from the local count: the upstream's rejected usage chunks are kept for review.
+            for rejected in quarantine.rejected_chunks(stream):
+                self._quarantine(rejected.error(), "settle_stream", rejected.data, action="replaced",
+                                 request_id=hold.request_id, user_id=hold.user_id, key_id=hold.key_id,
+                                 hold_id=hold.id, model=hold.model)
+        return receipt
+
+    def _quarantine(self, error: BaseException, source: str, payload: Any, **where: Any) -> None:
+        """Keep a rejected usage payload (its own transaction); a failure to do so is noted on ``error``."""
+        try:
+            quarantine.store(self._retrying, source=source, error=error, payload=payload, **where)
+        except Exception as failure:  # noqa: BLE001 (the caller must still get the rejection itself)
+            note = f"the rejected usage could not be quarantined: {type(failure).__name__}: {failure}"
+            error.add_note(note)
+            quarantine.log.error("%s (%s %s: %s)", note, source, where.get("request_id"), error)
+
+    def _settle(
+        self, hold: HoldTicket, *, response: dict[str, Any] | None = None, usage: UsageRecord | None = None,
+        stream: StreamAccumulator | StreamResult | None = None, channel: str | None = None,
+    ) -> Receipt:
+        """``settle`` without the quarantine: every check, then the charge."""
+        if not isinstance(hold, HoldTicket):
+            raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
         if channel is not None:
             _identifier(channel, "channel")
         if sum(x is not None for x in (response, usage, stream)) != 1:
-            raise ValueError("give exactly one of response=, usage= or stream=")
+            raise InvalidField("usage", "give exactly one of response=, usage= or stream=")
         outcome = "completed"
         if stream is not None:
+            if not isinstance(stream, (StreamAccumulator, StreamResult)):
+                raise InvalidField("stream", f"must be a StreamAccumulator or StreamResult, got {type(stream).__name__}")
             result = stream.finish() if isinstance(stream, StreamAccumulator) else stream
             usage, outcome = result.usage, result.status
         elif response is not None:
             usage = usage_from_response(response, hold.model, prompt=_prompt_of(hold))
-        assert usage is not None
+        if not isinstance(usage, UsageRecord):
+            raise InvalidUsage("usage", f"must be a UsageRecord, got {type(usage).__name__}")
         return self._charge(hold, usage, outcome, channel or hold.channel)
 
     def _charge(self, hold: HoldTicket, usage: UsageRecord, outcome: str, channel: str | None) -> Receipt:
@@ -664,11 +787,44 @@ class Meter:
         self, secret: str, request_id: str, usage: UsageRecord, *, at: datetime | None = None, outcome: str = "completed",
         channel: str | None = None,
     ) -> Receipt:
-        """Deferred mode: record a usage event without a hold; ``fold_deferred`` charges it later."""
+        """Deferred mode: record a usage event without a hold; ``fold_deferred`` charges it later.
+
+        A usage the ledger refuses is quarantined with its reason before the typed error is raised.
+        """
+        try:
+            return self._record_usage(secret, request_id, usage, at=at, outcome=outcome, channel=channel)
+        except quarantine.REJECTIONS as exc:
+            if not getattr(exc, "retryable", False):
+                user_id, key_id = self._key_ids(secret)
+                payload = {"usage": usage, "at": at, "outcome": outcome, "channel": channel}  # never the key
+                self._quarantine(exc, "record_usage", payload, request_id=request_id, user_id=user_id, key_id=key_id,
+                                 model=getattr(usage, "model", None))
+            raise
+
+    def _key_ids(self, secret: Any) -> tuple[int | None, int | None]:
+        """(user id, key id) of a key, for a quarantine row; (None, None) when unknown or unreadable."""
+        if not isinstance(secret, str):
+            return None, None
+        digest = hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+        try:
+            row = self._read(lambda db: db.row(KEY_BY_SECRET, p_secret_hash=digest))
+        except Exception:  # noqa: BLE001 (the ids are a courtesy to finance; the rejection is stored anyway)
+            return None, None
+        return (None, None) if row is None else (row["user_id"], row["id"])
+
+    def _record_usage(
+        self, secret: str, request_id: str, usage: UsageRecord, *, at: datetime | None = None, outcome: str = "completed",
+        channel: str | None = None,
+    ) -> Receipt:
+        """``record_usage`` without the quarantine: every check, then the pending event."""
         _identifier(request_id, "request_id")
         if channel is not None:
             _identifier(channel, "channel")
-        moment = at or datetime.now(timezone.utc)
+        if not isinstance(usage, UsageRecord):
+            raise InvalidUsage("usage", f"must be a UsageRecord, got {type(usage).__name__}")
+        if outcome not in OUTCOMES:
+            raise InvalidField("outcome", f"must be one of {', '.join(OUTCOMES)}")
+        moment = inputs.event_time(at, "at")
         key = self._read(lambda db: self._key(db, secret, usage.model))
         priced = price(self.prices, usage, moment, key["price_group"])
         payload = _payload_hash(usage, outcome)

@@ -23,10 +23,11 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Executable
 
-from metering.ledger.tables import ApiKey, Hold, LedgerEntry, UsageEvent, User
+from metering.ledger.tables import ApiKey, Hold, LedgerEntry, RedemptionCode, UsageEvent, User
 
 USERS, KEYS, HOLDS = User.__table__, ApiKey.__table__, Hold.__table__  # type: ignore[attr-defined]
 EVENTS, ENTRIES = UsageEvent.__table__, LedgerEntry.__table__  # type: ignore[attr-defined]
+CODES = RedemptionCode.__table__  # type: ignore[attr-defined]
 
 
 class Hot:
@@ -49,9 +50,11 @@ def _p(name: str) -> Any:
 #: The key of a request, with its user's price group: only the columns authorize and record_usage check.
 KEY_BY_SECRET = Hot(
     select(KEYS.c.id, KEYS.c.user_id, KEYS.c.status, KEYS.c.display_prefix, KEYS.c.expires_at, KEYS.c.allowed_models,
-           KEYS.c.limit_quota, USERS.c.price_group)
+           KEYS.c.limit_quota, USERS.c.price_group, KEYS.c.secret_hash)  # the hash: compared again in constant time
     .join(USERS, USERS.c.id == KEYS.c.user_id).where(KEYS.c.secret_hash == _p("p_secret_hash"))
 )
+#: A redemption code by its hash (``redeem`` compares the hash again in constant time).
+CODE_BY_HASH = Hot(select(CODES.c.id, CODES.c.quota, CODES.c.code_hash).where(CODES.c.code_hash == _p("p_code_hash")))
 HOLD_BY_REQUEST = Hot(select(HOLDS).where(HOLDS.c.request_id == _p("p_request_id")))
 #: What resolving a hold needs of it.
 HOLD_BY_ID = Hot(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.dialects import mysql
 from sqlmodel import Field, SQLModel
 
@@ -250,3 +250,34 @@ class Discrepancy(SQLModel, table=True):
     detail: str = Field(sa_column=Column(Text, nullable=False))
     adjustment_reference: str | None = Field(default=None, sa_column=Column(text(190), nullable=True))
     created_at: datetime = _time()
+
+
+# ---------------------------------------------------------------------- rejected usage (revision 0003)
+
+
+class QuarantinedUsage(SQLModel, table=True):
+    """A usage payload the ledger refused (invalid figures, an unknown model, a conflicting retry...), kept
+    with the reason so finance can resolve the request; see metering/ledger/quarantine.py.
+
+    One row per distinct rejection (``fingerprint``: source, request id, error, field and payload); the
+    same rejection retried bumps ``attempts`` and ``last_seen_at`` instead of adding a row. No foreign keys:
+    a refused call may name a user, key or hold that does not exist, and its row must be stored anyway.
+    """
+
+    __tablename__ = "quarantined_usage"
+    id: int | None = Field(default=None, primary_key=True)
+    fingerprint: str = Field(sa_column=Column(text(64), nullable=False, unique=True))
+    source: str = Field(sa_column=Column(text(32), nullable=False))  # the entry point: settle_response, record_usage...
+    action: str = Field(sa_column=Column(text(16), nullable=False))  # refused (nothing charged) | replaced
+    request_id: str | None = Field(default=None, sa_column=Column(text(190), nullable=True, index=True))
+    user_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True, index=True))
+    key_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    hold_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    model: str | None = Field(default=None, sa_column=Column(text(190), nullable=True))
+    error: str = Field(sa_column=Column(text(64), nullable=False))  # the error's class name
+    field: str | None = Field(default=None, sa_column=Column(text(190), nullable=True))  # the field it names
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    payload: str = Field(sa_column=Column(Text, nullable=False))  # bounded, secrets redacted
+    attempts: int = _quota(1)
+    created_at: datetime = _time(index=True)
+    last_seen_at: datetime = _time()
