@@ -52,9 +52,9 @@ def identifier(value: Any, field: str, max_chars: int = IDENTIFIER_MAX_CHARS) ->
 def text(value: Any, field: str, max_chars: int = 10_000) -> str:
     """Free text (a note): any text every database stores exactly, bounded; else ``InvalidField``."""
     if not isinstance(value, str):
-        raise InvalidField(field, f"must be text, got {type(value).__name__}")
+        raise InvalidField(field, f"expected text, got {type(value).__name__}")
     if len(value) > max_chars:
-        raise InvalidField(field, f"must be at most {max_chars} characters, got {len(value)}")
+        raise InvalidField(field, f"at most {max_chars} characters, got {len(value)}")
     for position, char in enumerate(value):
         if char == "\0" or unicodedata.category(char) == "Cs":
             raise InvalidField(field, f"U+{ord(char):04X} at position {position} cannot be stored (NUL or a lone surrogate)")

@@ -20,7 +20,6 @@ import hmac
 import json
 import secrets
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
@@ -137,14 +136,7 @@ def _name(value: object, field: str) -> str:
     bind them as parameters; exports and reports neutralize or escape them). Refused: NUL (PostgreSQL cannot
     store it), lone surrogates (not UTF-8) and more than the columns' 190 characters.
     """
-    if not isinstance(value, str):
-        raise InvalidField(field, f"expected text, got {type(value).__name__}")
-    if len(value) > NAME_MAX_CHARS:
-        raise InvalidField(field, f"at most {NAME_MAX_CHARS} characters, got {len(value)}")
-    for position, char in enumerate(value):
-        if char == "\0" or unicodedata.category(char) == "Cs":
-            raise InvalidField(field, f"U+{ord(char):04X} at position {position} cannot be stored (NUL or a lone surrogate)")
-    return value
+    return inputs.text(value, field, NAME_MAX_CHARS)
 
 
 def _is_retryable(exc: DBAPIError) -> bool:
