@@ -9,7 +9,10 @@ METERING_TEST_MYSQL_URL (defaults: the servers this kind of machine runs, trust/
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -83,6 +86,27 @@ def fresh_database(backend: str, server_databases: dict[str, str | Exception], t
             connection.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return made
+
+
+@contextmanager
+def scratch_database(backend: str, server_databases: dict[str, str | Exception], tmp_path: Path,
+                     prefix: str) -> Iterator[str]:
+    """An empty database of ``backend``; SQLite's file on tmpfs when there is one (every commit is synced,
+    and tests that commit thousands of times should not wait on a disk)."""
+    if backend != "sqlite":
+        yield fresh_database(backend, server_databases, tmp_path)
+        return
+    with scratch_directory(tmp_path, prefix) as directory:
+        yield f"sqlite:///{directory}/ledger.db"
+
+
+@contextmanager
+def scratch_directory(tmp_path: Path, prefix: str) -> Iterator[Path]:
+    """A temporary directory on tmpfs (/dev/shm) when there is one, else under ``tmp_path``; removed after."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
+    with tempfile.TemporaryDirectory(dir=base, prefix=prefix) as directory:
+        yield Path(directory)
 
 
 @pytest.fixture

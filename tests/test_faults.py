@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import sqlite3
-import tempfile
 import traceback
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -38,7 +37,7 @@ from sqlalchemy import create_engine, text
 
 from metering.ledger import Meter
 from metering.ledger.database import make_engine
-from tests.databases import BACKENDS, fresh_database
+from tests.databases import BACKENDS, fresh_database, scratch_database, scratch_directory
 from tests.faults import OP_KINDS, SOAK, Faults, Figures, Scenario, short_lock_waits, traced
 from pricing.usage import UsageRecord
 from tests.test_close import _books
@@ -71,13 +70,8 @@ def hot_statements_traced() -> Iterator[None]:
 @pytest.fixture(params=BACKENDS)
 def ledger_url(request: pytest.FixtureRequest, server_databases: Any, tmp_path: Path) -> Iterator[str]:
     """An empty database of each backend; SQLite's file on tmpfs when there is one (every commit is synced)."""
-    if request.param != "sqlite":
-        yield fresh_database(request.param, server_databases, tmp_path)
-        return
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
-    with tempfile.TemporaryDirectory(dir=base, prefix="ledger-faults-") as directory:
-        yield f"sqlite:///{directory}/ledger.db"
+    with scratch_database(request.param, server_databases, tmp_path, "ledger-faults-") as url:
+        yield url
 
 
 def _backend(url: str) -> str:
@@ -293,10 +287,8 @@ class Copies:
 @pytest.fixture(params=("sqlite", "postgresql"))
 def copies(request: pytest.FixtureRequest, server_databases: Any, tmp_path: Path) -> Iterator[Copies]:
     """A booked base database of each kind (SQLite on tmpfs when there is one) and copies of it."""
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
-    with tempfile.TemporaryDirectory(dir=base, prefix="ledger-close-") as directory:
-        made = Copies(request.param, server_databases, Path(directory))
+    with scratch_directory(tmp_path, "ledger-close-") as directory:
+        made = Copies(request.param, server_databases, directory)
         try:
             _book(made.base)
             yield made

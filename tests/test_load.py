@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import random
-import tempfile
 import time
 import traceback
 from collections import Counter
@@ -40,7 +39,7 @@ from metering.counting import count_request
 from metering.ledger import DuplicateReference, LedgerBusy, Meter, QuotaExceeded
 from metering.ledger.database import make_engine
 from metering.ledger.tables import ApiKey, Hold, LedgerEntry, RedemptionCode, UsageEvent
-from tests.databases import fresh_database
+from tests.databases import scratch_database
 from tests.faults import SOAK
 from tests.test_ledger_model import BODY, prices, usage
 
@@ -264,13 +263,8 @@ def _work(url: str, number: int, operations: int, shared: dict[str, Any], barrie
 @pytest.fixture(params=("sqlite", "postgresql"))
 def load_url(request: pytest.FixtureRequest, server_databases: Any, tmp_path: Path) -> Iterator[str]:
     """An empty database: a SQLite file on tmpfs when there is one (every commit is synced), or PostgreSQL."""
-    if request.param != "sqlite":
-        yield fresh_database(request.param, server_databases, tmp_path)
-        return
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
-    with tempfile.TemporaryDirectory(dir=base, prefix="ledger-load-") as directory:
-        yield f"sqlite:///{directory}/ledger.db"
+    with scratch_database(request.param, server_databases, tmp_path, "ledger-load-") as url:
+        yield url
 
 
 @pytest.mark.timeout(3_600 if SOAK else 300)
