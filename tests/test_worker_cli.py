@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+import time
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from metering.ledger import Meter
+from metering.ledger.meter import DEFAULT_HOLD_TTL
 from tests.traffic import CALENDAR, book_customers, book_day
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,10 +83,25 @@ def test_worker_once_on_a_fresh_database_reports_what_ran(tmp_path: Path) -> Non
     assert report["time_zone"] == "Asia/Shanghai" and report["stopped"] is False
 
 
+def last_complete_day() -> date:
+    """The last business day a close may take now: its end plus the hold TTL has passed (docs/worker.md).
+
+    Not simply yesterday: for the TTL after midnight in the business zone, yesterday is not complete yet.
+    Within a minute of the next day becoming complete, wait for it, so the worker run that follows sees
+    the same last day as this test."""
+    while True:
+        now = datetime.now(timezone.utc)
+        last = CALENDAR.day_of(now - DEFAULT_HOLD_TTL) - timedelta(days=1)
+        next_complete = CALENDAR.bounds(last + timedelta(days=1))[1] + DEFAULT_HOLD_TTL  # naive UTC
+        wait = (next_complete - now.replace(tzinfo=None)).total_seconds()
+        if wait > 60:
+            return last
+        time.sleep(max(wait, 0) + 1)
+
+
 def test_worker_once_closes_the_missed_days_and_writes_their_exports(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/ledger.db"
-    today = CALENDAR.today()
-    days = [today - timedelta(days=n) for n in (3, 2, 1)]
+    days = [last_complete_day() - timedelta(days=n) for n in (2, 1, 0)]
     meter = Meter.open(url)
     try:
         secrets = book_customers(meter)
