@@ -839,3 +839,23 @@ def test_concurrent_retries_reserve_and_charge_once(meter: Meter) -> None:
     assert sum(r == 777 for r in redeemed) == 1 and sum(isinstance(r, DuplicateReference) for r in redeemed) == 3
     assert sum(meter.balance(u) for u in users) == 777
     assert_audit_ok(meter)
+
+
+def test_key_usage_is_what_the_key_spent_and_what_it_can_still_spend(meter: Meter) -> None:
+    uid = funded(meter, 10_000)
+    open_key = meter.create_key(uid, "open", models=["gpt-4o-mini"])  # a model list does not hide the balance
+    capped = meter.create_key(uid, "capped", limit_quota=3_000)
+    receipt = meter.settle(meter.authorize(capped, body(100), "ku-1"), usage=usage(PROMPT_TOKENS, 20))
+    assert receipt.quota == units(PROMPT_TOKENS, 20)  # 10 + 100 = 110 units (module docstring)
+    held = meter.authorize(capped, body(100), "ku-2")  # an open hold counts against what is left
+    capped_now = meter.key_usage(capped)
+    assert capped_now["used"] == 110
+    assert capped_now["remaining"] == 3_000 - 110 - held.amount  # the key's limit binds before the balance
+    open_now = meter.key_usage(open_key)
+    assert (open_now["used"], open_now["remaining"]) == (0, 10_000 - 110 - held.amount)  # the balance binds
+    meter.release(held)
+    meter.revoke_key(meter.keys(uid)[1]["id"])
+    with pytest.raises(KeyRejected):
+        meter.key_usage(capped)
+    with pytest.raises(KeyRejected):
+        meter.key_usage("sk-mtr-unknown")

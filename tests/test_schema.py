@@ -24,7 +24,7 @@ from tests.wheel import build_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"users", "api_keys", "holds", "usage_events", "ledger_entries", "topup_orders", "grants", "redemption_codes",
-          "day_closes", "daily_rollups", "discrepancies", "quarantined_usage"}
+          "day_closes", "daily_rollups", "discrepancies", "quarantined_usage", "import_links"}
 
 #: A process that gets ready (imports, engine, first connection), says so, waits for "go", then upgrades.
 UPGRADER = """
@@ -84,7 +84,7 @@ def _upgraders(url: str, tmp_path: Path, count: int) -> list[subprocess.Popen[st
 def test_the_revisions_form_one_chain_and_run_without_an_ini() -> None:
     scripts = ScriptDirectory.from_config(schema.alembic_config())
     chain = [script.revision for script in scripts.walk_revisions()]
-    assert chain == ["0003", "0002", "0001"] and schema.head_revision() == "0003"
+    assert chain == ["0004", "0003", "0002", "0001"] and schema.head_revision() == "0004"
     assert not (ROOT / "alembic.ini").exists()  # the Config is built in code
     assert (schema.MIGRATIONS / "env.py").is_file()
     assert (schema.MIGRATIONS / "versions" / "0001_initial.py").is_file()
@@ -115,7 +115,7 @@ def test_upgrading_a_0002_database_keeps_its_rows_and_adds_the_quarantine(ledger
             connection.execute(text("INSERT INTO users (name, price_group, balance, created_at) "
                                     "VALUES ('old', 'default', 7, '2026-01-01 00:00:00')"))
         assert "quarantined_usage" not in inspect(engine).get_table_names()
-        assert schema.upgrade(engine) == "0003"
+        assert schema.upgrade(engine) == schema.head_revision()
         assert "quarantined_usage" in inspect(engine).get_table_names()
         with engine.connect() as connection:
             assert connection.execute(text("SELECT balance FROM users WHERE name = 'old'")).scalar() == 7
@@ -125,7 +125,26 @@ def test_upgrading_a_0002_database_keeps_its_rows_and_adds_the_quarantine(ledger
             command.downgrade(schema.alembic_config(connection), "0002")
         assert "quarantined_usage" not in inspect(engine).get_table_names()
         assert {"users", "day_closes"} <= set(inspect(engine).get_table_names())
-        assert schema.upgrade(engine) == "0003" and _differences(engine) == []
+        assert schema.upgrade(engine) == schema.head_revision() and _differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_upgrading_a_0003_database_keeps_its_rows_and_adds_the_import_links(ledger_url: str) -> None:
+    engine = _engine(ledger_url)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(schema.alembic_config(connection), "0003")
+            connection.execute(text("INSERT INTO users (name, price_group, balance, created_at) "
+                                    "VALUES ('old', 'default', 7, '2026-01-01 00:00:00')"))
+        assert "import_links" not in inspect(engine).get_table_names()
+        assert schema.upgrade(engine) == "0004" and "import_links" in inspect(engine).get_table_names()
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT balance FROM users WHERE name = 'old'")).scalar() == 7
+        with engine.begin() as connection:
+            command.downgrade(schema.alembic_config(connection), "0003")
+        assert "import_links" not in inspect(engine).get_table_names()
+        assert schema.upgrade(engine) == "0004" and _differences(engine) == []
     finally:
         engine.dispose()
 

@@ -342,6 +342,51 @@ def demo(
         raise typer.Exit(EXIT_FAILED)
 
 
+# ---------------------------------------------------------------------- gateway (the [gateway] extra)
+
+gateway_app = typer.Typer(help="The reference relay (needs the gateway extra: pip install 'llm-metering\\[gateway]').",
+                          no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
+
+
+@gateway_app.command("serve")
+def gateway_serve(
+    config: Annotated[Path, typer.Option("--config", help="Gateway YAML: upstreams, backup addresses, timeouts.",
+                                         show_default=False)],
+    db: DbOption = None,
+    prices: PricesOption = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve /v1/chat/completions, /v1/messages and the billing endpoints, metered by the ledger at --db."""
+    try:
+        import uvicorn
+
+        from gateway import create_app, load_config
+        from gateway.config import ConfigError
+    except ImportError as exc:
+        fail("gateway", f"the [gateway] extra is not installed ({exc.name}): pip install 'llm-metering[gateway]'")
+    try:
+        settings = load_config(config)
+    except ConfigError as exc:
+        fail("--config", str(exc))
+    meter = _open_meter(db, prices)
+    try:
+        uvicorn.run(create_app(meter, settings), host=host, port=port, log_level="info")
+    finally:
+        meter.close()
+
+
 def main() -> None:
     """Entry point for ``python -m workers``."""
     app()
+
+
+def _register_import() -> None:
+    """``metering import ...`` (workers/cli_import.py imports this module's plumbing, so it is added last)."""
+    from workers.cli_import import import_app
+
+    app.add_typer(import_app, name="import")
+
+
+_register_import()

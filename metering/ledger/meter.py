@@ -26,7 +26,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import SQLModel
 
@@ -414,12 +414,35 @@ class Meter:
             for r in rows
         ]
 
+    def key_usage(self, secret: str) -> dict[str, Any]:
+        """What a key's holder may read of its own account: balance, the key's room and what it has spent.
+
+        ``remaining`` is what the key can still spend (the user's balance, capped by the key's limit when it
+        has one); ``used`` is the quota charged to this key so far. Raises ``KeyRejected`` like ``authorize``.
+        """
+        spent = select(func.coalesce(func.sum(EVENTS.c.quota), 0)).where(EVENTS.c.status == "charged")
+
+        def work(db: Db) -> dict[str, Any]:
+            key = self._key(db, secret, None)
+            balance = int(db.execute(select(USERS.c.balance).where(USERS.c.id == key["user_id"])).scalar_one())
+            used = int(db.execute(spent.where(EVENTS.c.key_id == key["id"])).scalar_one())
+            remaining = max(balance, 0)
+            if key["limit_quota"] is not None:
+                room = select(KEYS.c.limit_quota - KEYS.c.used_quota - KEYS.c.reserved_quota).where(KEYS.c.id == key["id"])
+                remaining = min(remaining, max(int(db.execute(room).scalar_one()), 0))
+            expires = None if key["expires_at"] is None else _aware(key["expires_at"])
+            models = None if key["allowed_models"] is None else json.loads(key["allowed_models"])
+            return {"user_id": key["user_id"], "key_id": key["id"], "balance": balance, "remaining": remaining,
+                    "used": used, "limit_quota": key["limit_quota"], "expires_at": expires, "models": models}
+
+        return self._read(work)
+
     def revoke_key(self, key_id: int) -> bool:
         """Disable a key for good; False when it was already revoked."""
         revoke = update(KEYS).where(KEYS.c.id == key_id, KEYS.c.status == "enabled").values(status="revoked")
         return self._retrying(lambda db: db.execute(revoke).rowcount == 1)
 
-    def _key(self, db: Db, secret: str, model: str) -> dict[str, Any]:
+    def _key(self, db: Db, secret: str, model: str | None) -> dict[str, Any]:
         presented = _presented_hash(secret)
         row = db.row(KEY_BY_SECRET, p_secret_hash=presented)
         # The unique index found the row by its hash; the hash is compared again in constant time (and a
@@ -430,7 +453,7 @@ class Meter:
             raise KeyRejected("invalid API key")
         if row["expires_at"] is not None and row["expires_at"] <= utcnow():
             raise KeyRejected(f"API key {row['display_prefix']} has expired")
-        if row["allowed_models"] is not None:
+        if row["allowed_models"] is not None and model is not None:
             allowed = set(json.loads(row["allowed_models"]))
             canonical = resolve_model(model).canonical
             if model not in allowed and canonical not in allowed:
@@ -818,6 +841,12 @@ class Meter:
             raise InvalidField("outcome", f"must be one of {', '.join(OUTCOMES)}")
         moment = inputs.event_time(at, "at")
         key = self._read(lambda db: self._key(db, secret, usage.model))
+        return self._insert_pending(key, request_id, usage, moment, outcome, channel)
+
+    def _insert_pending(
+        self, key: Any, request_id: str, usage: UsageRecord, moment: datetime, outcome: str, channel: str | None,
+    ) -> Receipt:
+        """Price ``usage`` for ``key`` (its id, user and group) and insert it as a pending event, once per request id."""
         priced = price(self.prices, usage, moment, key["price_group"])
         payload = _payload_hash(usage, outcome)
         event = _event_values(request_id, key["user_id"], key["id"], usage.model, key["price_group"], usage, outcome,

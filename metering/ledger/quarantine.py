@@ -51,8 +51,8 @@ QUARANTINE = QuarantinedUsage.__table__  # type: ignore[attr-defined]
 log = logging.getLogger("metering.ledger.quarantine")
 EVENTS = UsageEvent.__table__  # type: ignore[attr-defined]
 
-#: The entry points whose rejected usage is kept.
-SOURCES = ("settle_response", "settle_usage", "settle_stream", "record_usage")
+#: The entry points whose rejected usage is kept (``import_usage``: a foreign gateway's log, metering/ledger/imports.py).
+SOURCES = ("settle_response", "settle_usage", "settle_stream", "record_usage", "import_usage")
 #: ``refused``: nothing was charged (the caller got the error); ``replaced``: a stream's invalid usage
 #: chunk, billed from the local count instead.
 ACTIONS = ("refused", "replaced")

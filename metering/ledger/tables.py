@@ -281,3 +281,25 @@ class QuarantinedUsage(SQLModel, table=True):
     attempts: int = _quota(1)
     created_at: datetime = _time(index=True)
     last_seen_at: datetime = _time()
+
+
+# ---------------------------------------------------------------------- imports from other gateways (revision 0004)
+
+
+class ImportLink(SQLModel, table=True):
+    """What an import from another gateway's database made of each foreign row (workers/oneapi_import.py).
+
+    ``source`` names the deployment imported from, ``kind`` the kind of row (``user``, ``token``,
+    ``fallback_key``, ``cursor``...), ``external_id`` its id there and ``local_id`` ours (a user or key id;
+    for a ``cursor``, the highest foreign id read). Unique per (source, kind, external_id): a second run finds
+    the first run's rows here and creates nothing again.
+    """
+
+    __tablename__ = "import_links"
+    __table_args__ = (UniqueConstraint("source", "kind", "external_id", name="uq_import_links_source_kind_external"),)
+    id: int | None = Field(default=None, primary_key=True)
+    source: str = Field(sa_column=Column(text(64), nullable=False))
+    kind: str = Field(sa_column=Column(text(32), nullable=False))
+    external_id: str = Field(sa_column=Column(text(190), nullable=False))
+    local_id: int = _quota()
+    created_at: datetime = _time()

@@ -1,0 +1,116 @@
+"""The relay's configuration: one upstream per provider (with an optional backup address) and timeouts.
+
+It is data, read from YAML (``load_config``) or built in code::
+
+    upstreams:
+      - provider: openai
+        channel: openai-official
+        base_url: https://api.openai.com
+        backup_url: https://openai-backup.example.com   # tried on connect failure, timeout or HTTP 524
+        api_key_env: OPENAI_API_KEY
+      - provider: anthropic
+        channel: anthropic-official
+        base_url: https://api.anthropic.com
+        api_key_env: ANTHROPIC_API_KEY
+    connect_timeout_seconds: 10
+    read_timeout_seconds: 300
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Provider = Literal["openai", "anthropic"]
+
+
+class ConfigError(ValueError):
+    """A gateway configuration that cannot be used; the message names the file and the field."""
+
+
+class Upstream(BaseModel):
+    """Where one provider's requests go, under which channel name, with which credential."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    provider: Provider
+    channel: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+    base_url: str
+    backup_url: str | None = None
+    #: The upstream credential: given here (tests) or, better, read from this environment variable.
+    api_key: str | None = Field(default=None, repr=False)
+    api_key_env: str | None = None
+    #: Channel name recorded for requests served by the backup address (default: ``<channel>-backup``).
+    backup_channel: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+
+    @field_validator("base_url", "backup_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return None if value is None else value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> "Upstream":
+        if (self.api_key is None) == (self.api_key_env is None):
+            raise ValueError("give exactly one of api_key or api_key_env")
+        return self
+
+    def credential(self) -> str:
+        """The upstream API key (from the environment when configured so)."""
+        if self.api_key is not None:
+            return self.api_key
+        value = os.environ.get(self.api_key_env or "")
+        if not value:
+            raise ConfigError(f"upstream {self.channel}: environment variable {self.api_key_env} is not set")
+        return value
+
+    def addresses(self) -> list[tuple[str, str]]:
+        """(base URL, channel) in the order they are tried: the main address, then the backup."""
+        tried = [(self.base_url, self.channel)]
+        if self.backup_url is not None:
+            tried.append((self.backup_url, self.backup_channel or f"{self.channel}-backup"))
+        return tried
+
+
+class GatewayConfig(BaseModel):
+    """The relay's settings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    upstreams: tuple[Upstream, ...]
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Longest wait for the upstream's first byte and between two chunks of its answer.
+    read_timeout_seconds: float = Field(default=300.0, gt=0)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _one_per_provider(cls, value: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
+        providers = [u.provider for u in value]
+        if len(set(providers)) != len(providers):
+            raise ValueError("one upstream per provider")
+        return value
+
+    def upstream(self, provider: str) -> Upstream | None:
+        """The upstream serving ``provider``, if one is configured."""
+        return next((u for u in self.upstreams if u.provider == provider), None)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway YAML file; ``ConfigError`` names the file and each bad field."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '$'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from None
+    for upstream in config.upstreams:
+        upstream.credential()  # a missing environment variable is an error at start, not at the first request
+    return config

@@ -1,0 +1,110 @@
+"""The streamed answer: upstream SSE bytes passed to the client as they come, metered as they are delivered.
+
+Billing rule: a chunk is fed to the stream accumulator only after it was handed to the client's
+connection. When the client hangs up, the pump stops at once (the upstream call is closed, so the
+upstream stops generating) and the request is settled for what was delivered. When the upstream breaks
+off, the client gets an error event in its provider's format; that text is the relay's, never fed to the
+accumulator, so it is never billed. The settle runs shielded: a server shutting down mid-stream still
+settles what it served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+from starlette.responses import Response
+
+from gateway.provider_errors import Dialect, stream_error_event
+from gateway.usage_chunk import UsageChunkFilter
+from metering.ledger import HoldTicket, Meter, Receipt
+from metering.streams import StreamAccumulator
+
+log = logging.getLogger("gateway.stream")
+STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                  (b"x-accel-buffering", b"no")]  # no proxy buffering: tokens must reach the client as they come
+
+
+@dataclass
+class StreamOutcome:
+    """How a relayed stream ended (for logs and tests)."""
+
+    client_gone: bool = False
+    upstream_broken: str | None = None
+    receipt: Receipt | None = None
+    settle_error: str | None = None
+    delivered_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MeteredStream(Response):
+    """An ASGI response relaying one upstream SSE answer and settling its hold when it ends."""
+
+    def __init__(
+        self, meter: Meter, hold: HoldTicket, upstream: httpx2.Response, channel: str, dialect: Dialect,
+        hide_usage_chunk: bool, request_id_header: tuple[bytes, bytes],
+    ) -> None:
+        # Not Response.__init__: there is no body to render, the bytes come from the upstream as they arrive.
+        self.status_code, self.background = 200, None
+        self.meter, self.hold, self.upstream, self.channel, self.dialect = meter, hold, upstream, channel, dialect
+        self.filter = UsageChunkFilter() if hide_usage_chunk else None
+        self.start_headers = [*STREAM_HEADERS, request_id_header]
+        self.accumulator: StreamAccumulator = meter.accumulator(hold)
+        self.outcome = StreamOutcome()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # type: ignore[override]
+        pump = asyncio.ensure_future(self._pump(send))
+        watcher = asyncio.ensure_future(_client_gone(receive))
+        try:
+            await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():
+                self.outcome.client_gone = True
+                pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        finally:
+            watcher.cancel()
+            if not pump.done():  # the server itself is cancelling this request: stop relaying, still settle
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+            await asyncio.shield(self._finish())
+
+    async def _pump(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.start_headers})
+        try:
+            async for raw in self.upstream.aiter_raw():
+                await self._deliver(send, self.filter.feed(raw) if self.filter else raw)
+                self.accumulator.feed(raw)  # after the client got it: what is billed is what was delivered
+            if self.filter:
+                await self._deliver(send, self.filter.flush())
+        except httpx2.HTTPError as exc:  # the upstream broke off (reset, incomplete body, read timeout)
+            self.outcome.upstream_broken = type(exc).__name__
+            log.warning("upstream %s broke off a stream (%s) for request %s", self.channel, type(exc).__name__,
+                        self.hold.request_id)
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": stream_error_event(self.dialect, "upstream_unavailable",
+                                                   "the upstream connection was lost mid-stream")})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _deliver(self, send: Any, data: bytes) -> None:
+        if data:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            self.outcome.delivered_bytes += len(data)
+
+    async def _finish(self) -> None:
+        await self.upstream.aclose()
+        try:
+            self.outcome.receipt = await self.meter.asettle(self.hold, stream=self.accumulator, channel=self.channel)
+        except Exception as exc:  # noqa: BLE001 (the ledger quarantined it or the hold expires; the stream is over)
+            self.outcome.settle_error = f"{type(exc).__name__}: {exc}"
+            log.error("settling stream request %s failed: %s", self.hold.request_id, self.outcome.settle_error)
+
+
+async def _client_gone(receive: Any) -> None:
+    """Returns when the client disconnects (the request body has already been read by then)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,124 @@
+"""``metering import one-api``: bring a one-api / new-api deployment's books into the ledger (workers/oneapi_import.py).
+
+Bad input (a --from that is no database we can read, a bad --source or --unknown-group, a conflict with the
+ledger's users or keys) prints ``error: <field>: ...`` on stderr and exits 2 with nothing written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from metering.cli_ledger import DbOption, JsonOption, PricesOption
+from workers.cli import QuietOption, _emit, _prices, fail, stderr, stdout
+from workers.progress import showing, stage_bars
+
+import_app = typer.Typer(help="Import another gateway's users, keys and usage into the ledger.", no_args_is_help=True)
+
+
+@import_app.command("one-api")
+def one_api(
+    source_from: Annotated[str, typer.Option(
+        "--from", help="The one-api / new-api database: a URL (sqlite:///one-api.db, postgres://..., mysql://...), "
+        "one-api's SQL_DSN (user:pass@tcp(host:3306)/oneapi) or a SQLite file. Only read.", show_default=False)],
+    source: Annotated[Optional[str], typer.Option(
+        "--source", help="Name of the deployment, part of every request id (default: from --from, no password).",
+        show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and validate everything; write nothing.")] = False,
+    unknown_group: Annotated[str, typer.Option(
+        "--unknown-group", help="A user group the price table lacks: 'default' (import in default, warn) or "
+        "'refuse' (exit 2 before writing).")] = "default",
+    balance_sync: Annotated[bool, typer.Option(
+        "--sync-balances/--no-sync-balances", help="Bring each balance to one-api's users.quota with one adjustment.")] = True,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=100_000, help="Logs read per query.")] = 2_000,
+    db: DbOption = None,
+    prices: PricesOption = None,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Import a one-api / new-api database: users, keys (same secrets), consume logs as usage, balances."""
+    from workers.oneapi_import import UNKNOWN_GROUP_POLICIES, ImportConflict, import_oneapi
+    from workers.oneapi_source import OneApiSource, SourceError, check_source_name, default_source_name, source_url
+
+    if unknown_group not in UNKNOWN_GROUP_POLICIES:
+        fail("--unknown-group", f"must be one of {', '.join(UNKNOWN_GROUP_POLICIES)}, got {unknown_group!r}")
+    try:
+        url = source_url(source_from)
+        name = check_source_name(source if source is not None else default_source_name(url))
+        reader = OneApiSource(url)
+    except SourceError as exc:
+        fail(exc.field, exc.message)
+    try:
+        meter = _ledger(db, prices, dry_run)
+        try:
+            with stage_bars(stderr, showing(stdout, quiet or as_json)) as progress:
+                summary = import_oneapi(meter, reader, name=name, dry_run=dry_run, unknown_group=unknown_group,
+                                        sync_balances=balance_sync, batch=batch, progress=progress)
+        except (ImportConflict, SourceError) as exc:
+            fail(exc.field, exc.message)
+        except _handled() as exc:
+            from metering.cli_ledger import _message
+
+            fail(getattr(exc, "field", None) or "import", _message(exc))
+        finally:
+            meter.close()
+    finally:
+        reader.close()
+    if as_json:
+        _emit(summary)
+    elif not quiet:
+        _print(summary)
+
+
+def _handled() -> tuple[type[Exception], ...]:
+    from metering.cli_ledger import _handled as ledger_errors
+
+    return ledger_errors()
+
+
+def _ledger(db: str | None, prices: Path | None, dry_run: bool) -> Any:
+    """The ledger; a dry run neither creates nor migrates it (a new or older ledger is read as empty)."""
+    from workers.cli import _open_meter
+
+    if not dry_run:
+        return _open_meter(db, prices)
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    from metering.ledger import Meter
+    from metering.ledger.database import database_url, make_engine
+
+    url = database_url(db)
+    try:
+        parsed = make_url(url)
+        database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+        if parsed.get_backend_name() == "sqlite" and not (database and Path(database).is_file()):
+            return Meter(create_engine("sqlite://"), _prices(prices))  # no ledger yet: nothing to read, nothing made
+        return Meter(make_engine(url), _prices(prices))
+    except _handled() as exc:
+        from metering.cli_ledger import _message
+
+        fail("--db", _message(exc))
+
+
+def _print(summary: dict[str, Any]) -> None:
+    """The summary as lines an operator reads."""
+    users, keys, logs, quota, balances = (summary[k] for k in ("users", "keys", "logs", "quota", "balances"))
+    print(f"{'dry run: ' if summary['dry_run'] else ''}{summary['flavor']} database imported as {summary['source']!r}")
+    print(f"users: {users['read']} read, {users['created']} created, {users['existing']} already imported, "
+          f"{users['group_defaulted']} put in group default, {users['renamed']} renamed")
+    print(f"keys: {keys['read']} read, {keys['created']} created ({keys['revoked']} revoked), {keys['existing']} already "
+          f"imported, {keys['skipped_invalid'] + keys['skipped_orphan']} skipped, {keys['fallback_created']} import keys")
+    by_type = ", ".join(f"{kind} {count}" for kind, count in sorted(summary["by_type"].items())) or "none"
+    print(f"logs: {logs['read']} read ({by_type}); consume: {logs['imported']} imported, {logs['quarantined']} "
+          f"quarantined, {logs['already_imported']} already imported")
+    for reason, count in sorted(summary["quarantine_reasons"].items()):
+        print(f"  quarantined: {reason}: {count}")
+    print(f"quota: ours {quota['ours']}, one-api's {quota['one_api']}: {quota['differing_logs']} logs differ, "
+          f"difference {quota['difference']:+d}")
+    print(f"balances: {balances['adjusted']} adjusted, {balances['to_adjust']} to adjust "
+          f"(total {balances['adjustment_total']:+d}); folded {summary['folded']} events")
+    for warning in summary["warnings"]:
+        stderr.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)

@@ -1,0 +1,408 @@
+"""``metering import one-api``: a one-api / new-api deployment's users, keys and usage, mapped into our ledger.
+
+The rules (docs/oneapi-import.md has them with examples):
+
+* **users** -> our users, named by ``username`` (a name our ledger refuses, e.g. only digits, becomes
+  ``<source>-user-<id>``). A ``group`` missing from our price table is mapped to ``default`` with a warning
+  (counted), or refused up front with ``unknown_group="refuse"``. A username an existing, non-imported user of
+  ours already has is an ``ImportConflict`` (field ``users.username``) before anything is written.
+* **tokens** -> our API keys with the same secret (``"sk-" + key``: what one-api's clients send), so they keep
+  working behind our relay. Disabled, deleted or of a disabled user -> revoked; ``expired_time`` -1 -> no
+  expiry, else ``expires_at``; unlimited -> no limit, else a limit whose room equals ``remain_quota``.
+* **consume logs** (type 2) -> pending usage events (request id ``oneapi:<source>:<log id>``, time
+  ``created_at``), priced by OUR price table, then folded; every refused row is quarantined with its reason.
+  Other log types are counted only. one-api's own ``quota`` per log is compared with ours (counted and summed).
+* **balances**: one-api's ``users.quota`` (the remaining balance) is the truth: after the fold, ONE adjustment
+  brings our balance to it when they differ (reference from source, user, our balance and the target, so a
+  rerun with nothing new writes nothing).
+
+Idempotent: links (``import_links``) name what each foreign row became, the logs' request ids are unique, and
+the log cursor (minus an overlap for rows committed out of id order) skips what earlier runs read.
+"""
+
+from __future__ import annotations
+
+import secrets as random_secrets
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import inspect, select
+
+from metering.ledger import imports, inputs, quarantine
+from metering.ledger.errors import InvalidField, NotFound
+from metering.ledger.meter import KEYS, USERS, Meter, secret_hash
+from workers.oneapi_source import (
+    CONSUME, LOG_TYPES, TOKEN_DISABLED, TOKEN_EXPIRED, OneApiSource, SourceLog, SourceToken, SourceUser,
+)
+
+#: Logs are re-read from this many ids below the cursor: MySQL and PostgreSQL may commit ids out of order.
+CURSOR_OVERLAP = 10_000
+UNKNOWN_GROUP_POLICIES = ("default", "refuse")
+#: The most warnings the summary lists (each kind is counted in full).
+MAX_WARNINGS = 20
+#: Progress callback: (stage, done, total or None), as workers.progress draws it.
+Progress = Callable[[str, int, "int | None"], None]
+
+
+class ImportConflict(ValueError):
+    """The source cannot be mapped without overwriting or guessing; ``field`` names the foreign column."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class _Plan:
+    """What the users and tokens become: our ids (None in a dry run for rows not created yet)."""
+
+    users: dict[int, int | None] = field(default_factory=dict)  # source user id -> our user id
+    groups: dict[int, str] = field(default_factory=dict)  # source user id -> our price group
+    keys: dict[int, int | None] = field(default_factory=dict)  # source token id -> our key id
+    by_name: dict[tuple[int, str], int] = field(default_factory=dict)  # (source user, token name) -> token id
+    fallback: dict[int, int] = field(default_factory=dict)  # source user id -> our fallback key id
+
+
+def _summary(source: OneApiSource, name: str, dry_run: bool) -> dict[str, Any]:
+    return {
+        "source": name, "flavor": source.flavor, "dry_run": dry_run,
+        "users": Counter(), "keys": Counter(), "logs": Counter(), "by_type": Counter(), "quarantine_reasons": Counter(),
+        "quota": Counter(), "balances": Counter(), "folded": 0, "warnings": [],
+    }
+
+
+def _warn(summary: dict[str, Any], message: str) -> None:
+    if len(summary["warnings"]) < MAX_WARNINGS:
+        summary["warnings"].append(message)
+
+
+def import_oneapi(
+    meter: Meter, source: OneApiSource, *, name: str, dry_run: bool = False, unknown_group: str = "default",
+    sync_balances: bool = True, batch: int = 2_000, progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Import ``source`` into ``meter`` as deployment ``name``; returns the summary (``dry_run``: writes nothing)."""
+    if unknown_group not in UNKNOWN_GROUP_POLICIES:
+        raise ImportConflict("--unknown-group", f"must be one of {', '.join(UNKNOWN_GROUP_POLICIES)}")
+    summary = _summary(source, name, dry_run)
+    ready = _ledger_ready(meter)
+    if not ready and not dry_run:
+        raise ImportConflict("--db", "the ledger's schema is not at head (open it with Meter.open first)")
+    users = source.users()
+    tokens = source.tokens()
+    plan = _plan_users(meter, users, name, unknown_group, summary, ready)
+    _check_tokens(meter, tokens, name, ready)
+    if not dry_run:
+        _create_users(meter, users, plan, name, summary)
+    _map_tokens(meter, tokens, users, plan, name, dry_run, summary, ready)
+    charges = _import_logs(meter, source, plan, name, dry_run, batch, progress, summary, ready)
+    if not dry_run:
+        while (folded := meter.fold_deferred()):
+            summary["folded"] += folded
+        _sync_key_rooms(meter, tokens, plan, summary)
+    _sync_balances(meter, users, plan, name, dry_run, sync_balances, charges, summary)
+    return _plain(summary)
+
+
+def _ledger_ready(meter: Meter) -> bool:
+    """Whether the ledger has the tables an import reads (a dry run on a new ledger reads nothing of it)."""
+    try:
+        return {"users", "api_keys", "import_links", "usage_events"} <= set(inspect(meter.engine).get_table_names())
+    except Exception:  # noqa: BLE001 (an unreachable ledger is reported by the first real call)
+        return False
+
+
+# ---------------------------------------------------------------------- users
+
+
+def _our_name(user: SourceUser, name: str) -> tuple[str, bool]:
+    """The user's name in our ledger, and whether it had to be replaced (our rules refuse it)."""
+    text = user.username
+    try:
+        inputs.text(text, "name", 190)
+        if text and text == text.strip() and not text.isdigit():
+            return text, False
+    except InvalidField:
+        pass
+    return f"{name}-user-{user.id}", True
+
+
+def _plan_users(meter: Meter, users: list[SourceUser], name: str, policy: str, summary: dict[str, Any],
+                ready: bool) -> _Plan:
+    """Groups, names and links of the users; every conflict is raised before anything is written."""
+    plan = _Plan()
+    linked = imports.links(meter, name, "user") if ready else {}
+    taken = set(meter._read(lambda db: db.execute(select(USERS.c.name)).scalars().all())) if ready else set()
+    refused: list[str] = []
+    for user in users:
+        summary["users"]["read"] += 1
+        group = user.group
+        if group not in meter.prices.groups:
+            if policy == "refuse":
+                refused.append(f"user {user.id} ({user.username!r}) has group {group!r}")
+                continue
+            summary["users"]["group_defaulted"] += 1
+            _warn(summary, f"users.group: user {user.id} group {group!r} is not in the price table: imported as default")
+            group = "default"
+        plan.groups[user.id] = group
+        plan.users[user.id] = linked.get(str(user.id))
+        if plan.users[user.id] is None:
+            our_name, renamed = _our_name(user, name)
+            if our_name in taken:
+                raise ImportConflict("users.username", f"user {user.id}: a user named {our_name!r} already exists in "
+                                     "the ledger and was not imported from this source (rename one of them first)")
+            summary["users"]["renamed"] += renamed
+    if refused:
+        raise ImportConflict("users.group", f"{len(refused)} user(s) in groups the price table does not know: "
+                             f"{'; '.join(refused[:5])} (add the groups, or pass --unknown-group default)")
+    return plan
+
+
+def _create_users(meter: Meter, users: list[SourceUser], plan: _Plan, name: str, summary: dict[str, Any]) -> None:
+    for user in users:
+        if plan.users.get(user.id) is not None:
+            summary["users"]["existing"] += 1
+            continue
+        our_name, _ = _our_name(user, name)
+        plan.users[user.id] = imports.create_linked_user(meter, our_name, plan.groups[user.id], source=name,
+                                                         external_id=str(user.id))
+        summary["users"]["created"] += 1
+
+
+# ---------------------------------------------------------------------- tokens
+
+
+def _secret(token: SourceToken) -> str:
+    """What one-api's clients send: ``sk-`` and the stored key (one-api strips the prefix before looking it up)."""
+    return token.key if token.key.startswith("sk-") else "sk-" + token.key
+
+
+def _check_tokens(meter: Meter, tokens: list[SourceToken], name: str, ready: bool) -> None:
+    """A token whose secret another key of ours already has (not through this source's links) is a conflict."""
+    if not ready:
+        return
+    linked = set(imports.links(meter, name, "token"))
+    hashes = {secret_hash(_secret(t)): t.id for t in tokens if str(t.id) not in linked and t.key}
+    found: list[int] = []
+    chunk = list(hashes)
+    for start in range(0, len(chunk), 500):
+        query = select(KEYS.c.secret_hash).where(KEYS.c.secret_hash.in_(chunk[start:start + 500]))
+        found += [hashes[h] for h in meter._read(lambda db: db.execute(query).scalars().all())]
+    if found:
+        raise ImportConflict("tokens.key", f"token(s) {', '.join(map(str, sorted(found)[:5]))}: a key of the ledger "
+                             "already has this secret (imported under another --source?)")
+
+
+def _key_terms(token: SourceToken, user: SourceUser) -> dict[str, Any]:
+    """Status, expiry and limit of our key for ``token`` (docs/oneapi-import.md, "Tokens")."""
+    revoked = token.status == TOKEN_DISABLED or token.deleted or not user.enabled or user.deleted
+    expires_at = None
+    if token.expired_time != -1:
+        try:
+            expires_at = datetime.fromtimestamp(token.expired_time, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            revoked = True  # an expiry no calendar holds: the key is kept for its history, never usable
+    elif token.status == TOKEN_EXPIRED:
+        revoked = True  # expired with no expiry time: nothing to carry but the status
+    # Exhausted (4) stays enabled with a limit: its room is remain_quota (<= 0: none), as in one-api.
+    limit = None if token.unlimited_quota else max(0, token.remain_quota)
+    return {"revoked": revoked, "expires_at": expires_at, "limit_quota": limit, "models": token.models}
+
+
+def _map_tokens(meter: Meter, tokens: list[SourceToken], users: list[SourceUser], plan: _Plan, name: str,
+                dry_run: bool, summary: dict[str, Any], ready: bool) -> None:
+    by_id = {u.id: u for u in users}
+    linked = imports.links(meter, name, "token") if ready else {}
+    plan.fallback.update({int(k): v for k, v in (imports.links(meter, name, "fallback_key") if ready else {}).items()})
+    for token in tokens:
+        summary["keys"]["read"] += 1
+        user = by_id.get(token.user_id)
+        if user is None or token.user_id not in plan.groups:
+            summary["keys"]["skipped_orphan"] += 1
+            _warn(summary, f"tokens.user_id: token {token.id} belongs to no imported user: not imported")
+            continue
+        try:
+            imports._check_secret(_secret(token))
+        except InvalidField as exc:
+            summary["keys"]["skipped_invalid"] += 1
+            _warn(summary, f"tokens.key: token {token.id}: {exc.args[0] if exc.args else exc}")
+            continue
+        plan.by_name.setdefault((token.user_id, token.name), token.id)  # ids ascending: the oldest of a name wins
+        terms = _key_terms(token, user)
+        existing = linked.get(str(token.id))
+        if existing is not None:
+            plan.keys[token.id] = existing
+            summary["keys"]["existing"] += 1
+            if terms["revoked"] and not dry_run and imports.revoke_if_enabled(meter, existing):
+                summary["keys"]["revoked_since"] += 1
+            continue
+        summary["keys"]["created"] += 1
+        summary["keys"]["revoked"] += terms["revoked"]
+        if dry_run:
+            plan.keys[token.id] = None
+            continue
+        plan.keys[token.id] = imports.create_key_from_secret(
+            meter, plan.users[token.user_id], token.name.replace("\0", "")[:190], _secret(token), source=name,
+            external_id=str(token.id), **terms)  # type: ignore[arg-type]
+
+
+def _fallback_key(meter: Meter, plan: _Plan, user_id: int, name: str, summary: dict[str, Any]) -> int:
+    """The user's import key, for logs whose token is gone: revoked, with a random secret nobody holds."""
+    if user_id not in plan.fallback:
+        plan.fallback[user_id] = imports.create_key_from_secret(
+            meter, plan.users[user_id], f"one-api import ({name}): deleted or unnamed tokens",  # type: ignore[arg-type]
+            "sk-import-" + random_secrets.token_urlsafe(32), source=name, external_id=str(user_id),
+            kind="fallback_key", revoked=True)
+        summary["keys"]["fallback_created"] += 1
+    return plan.fallback[user_id]
+
+
+def _sync_key_rooms(meter: Meter, tokens: list[SourceToken], plan: _Plan, summary: dict[str, Any]) -> None:
+    """A limited key's room after the import is one-api's ``remain_quota``, whatever our prices charged."""
+    for token in tokens:
+        key_id = plan.keys.get(token.id)
+        if key_id is not None and not token.unlimited_quota and imports.set_key_room(meter, key_id, token.remain_quota):
+            summary["keys"]["room_synced"] += 1
+
+
+# ---------------------------------------------------------------------- logs
+
+
+def _moment(value: Any) -> Any:
+    """``created_at`` (unix seconds) as an aware datetime; what is not one is passed on for the ledger to refuse."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            pass
+    return value
+
+
+def _import_logs(meter: Meter, source: OneApiSource, plan: _Plan, name: str, dry_run: bool, batch: int,
+                 progress: Progress | None, summary: dict[str, Any], ready: bool) -> Counter[int]:
+    """Every log past the cursor: consume logs recorded (or validated), others counted; charges per source user."""
+    charges: Counter[int] = Counter()
+    start = imports.cursor(meter, name, "logs") if ready else None
+    after = max(0, (start or 0) - CURSOR_OVERLAP)
+    total, done = source.count_logs(after), 0
+    if progress:
+        progress("logs", 0, total)
+    for rows in source.logs(after, batch):
+        consume = [row for row in rows if row.type == CONSUME]
+        for row in rows:
+            summary["by_type"][LOG_TYPES.get(row.type, f"type {row.type}")] += 1
+        known = imports.known_request_ids(meter, (_request_id(name, r) for r in consume)) if ready else set()
+        for row in consume:
+            summary["logs"]["consume"] += 1
+            if _request_id(name, row) in known:
+                summary["logs"]["already_imported"] += 1
+                continue
+            _one_log(meter, row, plan, name, dry_run, summary, charges)
+        done += len(rows)
+        if not dry_run and (start is None or rows[-1].id > start):
+            imports.set_cursor(meter, name, "logs", rows[-1].id)
+            start = rows[-1].id
+        if progress:
+            progress("logs", done, total)
+    summary["logs"]["read"] = done
+    return charges
+
+
+def _request_id(name: str, row: SourceLog) -> str:
+    return f"oneapi:{name}:{row.id}"
+
+
+def _key_for(meter: Meter, row: SourceLog, plan: _Plan, name: str, summary: dict[str, Any],
+             dry_run: bool = False) -> int | None:
+    """Our key for a log: by token id (new-api), else by the user's token name (one-api), else the fallback.
+
+    None in a dry run (nothing is created)."""
+    token_id = row.token_id if row.token_id in plan.keys else plan.by_name.get((row.user_id, row.token_name or ""))
+    if token_id is not None and plan.keys.get(token_id) is not None:
+        return plan.keys[token_id]
+    if token_id is not None:
+        return None  # a dry run: the key is not created yet
+    summary["logs"]["on_fallback_key"] += 1
+    return None if dry_run else _fallback_key(meter, plan, row.user_id, name, summary)
+
+
+def _one_log(meter: Meter, row: SourceLog, plan: _Plan, name: str, dry_run: bool, summary: dict[str, Any],
+             charges: Counter[int]) -> None:
+    request_id = _request_id(name, row)
+    theirs = row.quota if isinstance(row.quota, int) else 0
+    payload = {"log_id": row.id, "source": name, "user_id": row.user_id, "token_id": row.token_id,
+               "token_name": row.token_name, "oneapi_quota": row.quota}
+    try:
+        if row.user_id not in plan.groups:
+            missing = NotFound(f"user_id: log {row.id} names user {row.user_id!r}, which the source's users table lacks")
+            missing.field = "user_id"  # type: ignore[attr-defined]  (what the quarantine row names)
+            raise missing
+        at = _moment(row.created_at)
+        if dry_run:
+            quota = imports.check_usage(meter, row.model_name, row.prompt_tokens, row.completion_tokens, at,
+                                        plan.groups[row.user_id])
+            _key_for(meter, row, plan, name, summary, dry_run=True)  # counts the logs left to a fallback key
+        else:
+            key_id = _key_for(meter, row, plan, name, summary)
+            assert key_id is not None  # users and keys exist outside a dry run
+            channel = None if row.channel_id is None else f"oneapi-{row.channel_id}"
+            quota = imports.record_usage_for_key(
+                meter, key_id, request_id, model=row.model_name, input_tokens=row.prompt_tokens,
+                output_tokens=row.completion_tokens, at=at, channel=channel, payload=payload).quota
+    except quarantine.REJECTIONS as exc:
+        if getattr(exc, "retryable", False):
+            raise
+        if isinstance(exc, NotFound) and not dry_run:  # no user, so no key: kept here, with the same rule
+            meter._quarantine(exc, imports.QUARANTINE_SOURCE, payload, request_id=request_id, model=row.model_name)
+        summary["logs"]["quarantined"] += 1
+        summary["quarantine_reasons"][f"{type(exc).__name__} {quarantine.field_of(exc) or ''}".strip()] += 1
+        return
+    summary["logs"]["imported"] += 1
+    charges[row.user_id] += quota
+    summary["quota"]["ours"] += quota
+    summary["quota"]["one_api"] += theirs
+    if quota != theirs:
+        summary["quota"]["differing_logs"] += 1
+        summary["quota"]["difference"] += quota - theirs
+
+
+# ---------------------------------------------------------------------- balances
+
+
+def _sync_balances(meter: Meter, users: list[SourceUser], plan: _Plan, name: str, dry_run: bool, sync: bool,
+                   charges: Counter[int], summary: dict[str, Any]) -> None:
+    """Bring each imported user's balance to one-api's ``users.quota`` with one adjustment (docs: "Balances")."""
+    for user in users:
+        if user.id not in plan.groups:
+            continue
+        our_id = plan.users.get(user.id)
+        ours = (meter.balance(our_id) if our_id is not None else 0) - (charges[user.id] if dry_run else 0)
+        if ours == user.quota:
+            continue
+        summary["balances"]["to_adjust" if dry_run or not sync else "adjusted"] += 1
+        summary["balances"]["adjustment_total"] += user.quota - ours
+        if dry_run or not sync:
+            continue
+        reference = f"oneapi:{name}:balance:{user.id}:{ours}:{user.quota}"
+        meter.adjust(our_id, user.quota - ours, reference,  # type: ignore[arg-type]
+                     f"one-api import {name}: balance brought to users.quota ({user.quota}) of user {user.id}")
+
+
+def _plain(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary as JSON-ready dicts (Counters as plain dicts, the invariant's terms always present)."""
+    out = {k: dict(v) if isinstance(v, Counter) else v for k, v in summary.items()}
+    for section, keys in (("logs", ("read", "consume", "imported", "already_imported", "quarantined", "on_fallback_key")),
+                          ("quota", ("ours", "one_api", "differing_logs", "difference")),
+                          ("users", ("read", "created", "existing", "renamed", "group_defaulted")),
+                          ("keys", ("read", "created", "existing", "revoked", "skipped_invalid", "skipped_orphan",
+                                    "fallback_created", "room_synced")),
+                          ("balances", ("adjusted", "to_adjust", "adjustment_total"))):
+        out[section] = {key: int(out[section].get(key, 0)) for key in keys} | {
+            k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
+__all__ = ["CURSOR_OVERLAP", "ImportConflict", "UNKNOWN_GROUP_POLICIES", "import_oneapi"]
