@@ -707,7 +707,9 @@ class Scenario:
                       lambda books: books.record(key, rid, used), user=b.keys[key].user)
         if kind == "fold":
             owners = {b.keys[b.deferred[rid].key].user for rid in b.pending()}
-            return Op(kind, f"fold {len(b.pending())}", lambda m: m.fold_deferred(), lambda books: books.fold(),
+            per_transaction = rng.choice([1, 3])  # the worker's one event per transaction, or an import's batches
+            return Op(kind, f"fold {len(b.pending())} by {per_transaction}",
+                      lambda m: m.fold_deferred(per_transaction=per_transaction), lambda books: books.fold(),
                       items=lambda books: books.pending(), user=owners.pop() if len(owners) == 1 else None)
         minutes = rng.choice([5, 11])
         later = b.clock + timedelta(minutes=minutes)

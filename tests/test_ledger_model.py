@@ -439,10 +439,10 @@ class LedgerMachine(RuleBasedStateMachine):
         self.deferred[request_id] = DeferredModel(key, used, receipt)
 
     @precondition(lambda self: any(not d.folded for d in self.deferred.values()))
-    @rule()
-    def fold(self) -> None:
+    @rule(per_transaction=st.sampled_from([1, 2, 500]))
+    def fold(self, per_transaction: int) -> None:
         pending = [d for d in self.deferred.values() if not d.folded]
-        assert self.meter.fold_deferred() == len(pending)
+        assert self.meter.fold_deferred(per_transaction=per_transaction) == len(pending)
         for d in pending:
             k = self.key[d.key]
             self.balance[k.user] -= d.receipt.quota

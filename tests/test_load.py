@@ -196,7 +196,9 @@ class Worker:
 
     def fold(self) -> None:
         """Fold the pending deferred usage (every process does, at once)."""
-        folded = self.call("fold_deferred", self.meter.fold_deferred)
+        # One event per transaction (the worker's way) or many (an import's): both race the other processes.
+        per_transaction = self.rng.choice([1, 5])
+        folded = self.call("fold_deferred", lambda: self.meter.fold_deferred(per_transaction=per_transaction))
         self.outcomes["folded"] += folded if isinstance(folded, int) else 0
 
     def expire(self) -> None:

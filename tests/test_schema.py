@@ -107,44 +107,28 @@ def test_upgrading_a_0001_database_keeps_its_rows_and_adds_the_worker_tables(led
         engine.dispose()
 
 
-def test_upgrading_a_0002_database_keeps_its_rows_and_adds_the_quarantine(ledger_url: str) -> None:
+@pytest.mark.parametrize(("before", "table"), [("0002", "quarantined_usage"), ("0003", "import_links")])
+def test_upgrading_an_older_database_keeps_its_rows_and_adds_the_next_table(
+    ledger_url: str, before: str, table: str
+) -> None:
+    """0003 adds the quarantine, 0004 the import links; each downgrade drops only its own table."""
     engine = _engine(ledger_url)
     try:
         with engine.begin() as connection:
-            command.upgrade(schema.alembic_config(connection), "0002")
+            command.upgrade(schema.alembic_config(connection), before)
             connection.execute(text("INSERT INTO users (name, price_group, balance, created_at) "
                                     "VALUES ('old', 'default', 7, '2026-01-01 00:00:00')"))
-        assert "quarantined_usage" not in inspect(engine).get_table_names()
+        assert table not in inspect(engine).get_table_names()
         assert schema.upgrade(engine) == schema.head_revision()
-        assert "quarantined_usage" in inspect(engine).get_table_names()
+        assert table in inspect(engine).get_table_names()
         with engine.connect() as connection:
             assert connection.execute(text("SELECT balance FROM users WHERE name = 'old'")).scalar() == 7
         assert _differences(engine) == []
-        # And back: 0003's downgrade drops only its table, and the upgrade makes it again.
         with engine.begin() as connection:
-            command.downgrade(schema.alembic_config(connection), "0002")
-        assert "quarantined_usage" not in inspect(engine).get_table_names()
+            command.downgrade(schema.alembic_config(connection), before)
+        assert table not in inspect(engine).get_table_names()
         assert {"users", "day_closes"} <= set(inspect(engine).get_table_names())
         assert schema.upgrade(engine) == schema.head_revision() and _differences(engine) == []
-    finally:
-        engine.dispose()
-
-
-def test_upgrading_a_0003_database_keeps_its_rows_and_adds_the_import_links(ledger_url: str) -> None:
-    engine = _engine(ledger_url)
-    try:
-        with engine.begin() as connection:
-            command.upgrade(schema.alembic_config(connection), "0003")
-            connection.execute(text("INSERT INTO users (name, price_group, balance, created_at) "
-                                    "VALUES ('old', 'default', 7, '2026-01-01 00:00:00')"))
-        assert "import_links" not in inspect(engine).get_table_names()
-        assert schema.upgrade(engine) == "0004" and "import_links" in inspect(engine).get_table_names()
-        with engine.connect() as connection:
-            assert connection.execute(text("SELECT balance FROM users WHERE name = 'old'")).scalar() == 7
-        with engine.begin() as connection:
-            command.downgrade(schema.alembic_config(connection), "0003")
-        assert "import_links" not in inspect(engine).get_table_names()
-        assert schema.upgrade(engine) == "0004" and _differences(engine) == []
     finally:
         engine.dispose()
 

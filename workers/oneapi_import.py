@@ -41,6 +41,8 @@ from workers.oneapi_source import (
 #: Logs are re-read from this many ids below the cursor: MySQL and PostgreSQL may commit ids out of order.
 CURSOR_OVERLAP = 10_000
 UNKNOWN_GROUP_POLICIES = ("default", "refuse")
+#: Imported events charged per transaction (``Meter.fold_deferred``): a backlog of millions in big commits.
+FOLD_PER_TRANSACTION = 500
 #: The most warnings the summary lists (each kind is counted in full).
 MAX_WARNINGS = 20
 #: Progress callback: (stage, done, total or None), as workers.progress draws it.
@@ -100,7 +102,7 @@ def import_oneapi(
     _map_tokens(meter, tokens, users, plan, name, dry_run, summary, ready)
     charges = _import_logs(meter, source, plan, name, dry_run, batch, progress, summary, ready)
     if not dry_run:
-        while (folded := meter.fold_deferred()):
+        while (folded := meter.fold_deferred(per_transaction=FOLD_PER_TRANSACTION)):
             summary["folded"] += folded
         _sync_key_rooms(meter, tokens, plan, summary)
     _sync_balances(meter, users, plan, name, dry_run, sync_balances, charges, summary)
@@ -295,12 +297,18 @@ def _import_logs(meter: Meter, source: OneApiSource, plan: _Plan, name: str, dry
         for row in rows:
             summary["by_type"][LOG_TYPES.get(row.type, f"type {row.type}")] += 1
         known = imports.known_request_ids(meter, (_request_id(name, r) for r in consume)) if ready else set()
+        fresh = []
         for row in consume:
             summary["logs"]["consume"] += 1
             if _request_id(name, row) in known:
                 summary["logs"]["already_imported"] += 1
-                continue
-            _one_log(meter, row, plan, name, dry_run, summary, charges)
+            else:
+                fresh.append(row)
+        if dry_run:
+            for row in fresh:
+                _one_log(meter, row, plan, name, dry_run, summary, charges)
+        else:
+            _record_logs(meter, fresh, plan, name, summary, charges)
         done += len(rows)
         if not dry_run and (start is None or rows[-1].id > start):
             imports.set_cursor(meter, name, "logs", rows[-1].id)
@@ -329,12 +337,54 @@ def _key_for(meter: Meter, row: SourceLog, plan: _Plan, name: str, summary: dict
     return None if dry_run else _fallback_key(meter, plan, row.user_id, name, summary)
 
 
+def _payload(row: SourceLog, name: str) -> dict[str, Any]:
+    """What a quarantine row keeps of a refused log, beside the usage itself."""
+    return {"log_id": row.id, "source": name, "user_id": row.user_id, "token_id": row.token_id,
+            "token_name": row.token_name, "oneapi_quota": row.quota}
+
+
+def _record_logs(meter: Meter, rows: list[SourceLog], plan: _Plan, name: str, summary: dict[str, Any],
+                 charges: Counter[int]) -> None:
+    """Record a batch of consume logs: one transaction for the valid ones (``imports.record_usage_many``)."""
+    batch: list[tuple[SourceLog, imports.ImportedUsage]] = []
+    for row in rows:
+        if row.user_id not in plan.groups:
+            _one_log(meter, row, plan, name, False, summary, charges)  # quarantined: the source lacks the user
+            continue
+        key_id = _key_for(meter, row, plan, name, summary)
+        assert key_id is not None  # users and keys exist outside a dry run
+        channel = None if row.channel_id is None else f"oneapi-{row.channel_id}"
+        batch.append((row, imports.ImportedUsage(
+            key_id, _request_id(name, row), row.model_name, row.prompt_tokens, row.completion_tokens,
+            _moment(row.created_at), channel, _payload(row, name))))
+    results = imports.record_usage_many(meter, [item for _, item in batch])
+    for (row, _), result in zip(batch, results, strict=True):
+        if isinstance(result, Exception):
+            _count_refused(summary, result)
+        else:
+            _count_imported(summary, charges, row, result.quota)
+
+
+def _count_refused(summary: dict[str, Any], exc: Exception) -> None:
+    summary["logs"]["quarantined"] += 1
+    summary["quarantine_reasons"][f"{type(exc).__name__} {quarantine.field_of(exc) or ''}".strip()] += 1
+
+
+def _count_imported(summary: dict[str, Any], charges: Counter[int], row: SourceLog, quota: int) -> None:
+    theirs = row.quota if isinstance(row.quota, int) else 0
+    summary["logs"]["imported"] += 1
+    charges[row.user_id] += quota
+    summary["quota"]["ours"] += quota
+    summary["quota"]["one_api"] += theirs
+    if quota != theirs:
+        summary["quota"]["differing_logs"] += 1
+        summary["quota"]["difference"] += quota - theirs
+
+
 def _one_log(meter: Meter, row: SourceLog, plan: _Plan, name: str, dry_run: bool, summary: dict[str, Any],
              charges: Counter[int]) -> None:
     request_id = _request_id(name, row)
-    theirs = row.quota if isinstance(row.quota, int) else 0
-    payload = {"log_id": row.id, "source": name, "user_id": row.user_id, "token_id": row.token_id,
-               "token_name": row.token_name, "oneapi_quota": row.quota}
+    payload = _payload(row, name)
     try:
         if row.user_id not in plan.groups:
             missing = NotFound(f"user_id: log {row.id} names user {row.user_id!r}, which the source's users table lacks")
@@ -357,16 +407,9 @@ def _one_log(meter: Meter, row: SourceLog, plan: _Plan, name: str, dry_run: bool
             raise
         if isinstance(exc, NotFound) and not dry_run:  # no user, so no key: kept here, with the same rule
             meter._quarantine(exc, imports.QUARANTINE_SOURCE, payload, request_id=request_id, model=row.model_name)
-        summary["logs"]["quarantined"] += 1
-        summary["quarantine_reasons"][f"{type(exc).__name__} {quarantine.field_of(exc) or ''}".strip()] += 1
+        _count_refused(summary, exc)
         return
-    summary["logs"]["imported"] += 1
-    charges[row.user_id] += quota
-    summary["quota"]["ours"] += quota
-    summary["quota"]["one_api"] += theirs
-    if quota != theirs:
-        summary["quota"]["differing_logs"] += 1
-        summary["quota"]["difference"] += quota - theirs
+    _count_imported(summary, charges, row, quota)
 
 
 # ---------------------------------------------------------------------- balances

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from metering.ledger import inputs, quarantine
 from metering.ledger.errors import DuplicateReference, InvalidField, NotFound
-from metering.ledger.meter import EVENTS, KEYS, USERS, Meter, Receipt, _name, _naive_utc, secret_hash, utcnow
+from metering.ledger.meter import EVENTS, KEYS, USERS, Meter, Receipt, _name, _naive_utc, _receipt, secret_hash, utcnow
 from metering.ledger.statements import Db
 from metering.ledger.tables import ImportLink, QuarantinedUsage
 from pricing.errors import UnknownModel
@@ -234,19 +235,90 @@ def record_usage_for_key(
 
 def _record(meter: Meter, key_id: int, request_id: str, model: object, input_tokens: object, output_tokens: object,
             at: datetime, channel: str | None) -> Receipt:
-    inputs.identifier(request_id, "request_id")
-    if channel is not None:
-        inputs.identifier(channel, "channel", inputs.CHANNEL_MAX_CHARS)
-    moment = inputs.event_time(at, "at")
-    usage = usage_record(meter, model, input_tokens, output_tokens)
-    query = select(KEYS.c.id, KEYS.c.user_id, USERS.c.price_group).join(USERS, USERS.c.id == KEYS.c.user_id)
-    key = meter._read(lambda db: db.execute(query.where(KEYS.c.id == key_id)).mappings().first())
+    usage, moment = _checked(meter, request_id, model, input_tokens, output_tokens, at, channel)
+    key = _key_rows(meter, [key_id]).get(key_id)
     if key is None:
         raise NotFound(f"no key {key_id}")
     return meter._insert_pending(key, request_id, usage, moment, "completed", channel)
 
 
+def _checked(meter: Meter, request_id: str, model: object, input_tokens: object, output_tokens: object,
+             at: datetime, channel: str | None) -> tuple[UsageRecord, datetime]:
+    """The usage and time of one imported request, every field checked (typed errors naming the field)."""
+    inputs.identifier(request_id, "request_id")
+    if channel is not None:
+        inputs.identifier(channel, "channel", inputs.CHANNEL_MAX_CHARS)
+    moment = inputs.event_time(at, "at")
+    return usage_record(meter, model, input_tokens, output_tokens), moment
+
+
+def _key_rows(meter: Meter, key_ids: Iterable[int]) -> dict[int, Any]:
+    """Id, user and price group of each key among ``key_ids`` (what pricing a pending event needs)."""
+    query = (select(KEYS.c.id, KEYS.c.user_id, USERS.c.price_group).join(USERS, USERS.c.id == KEYS.c.user_id)
+             .where(KEYS.c.id.in_(sorted(set(key_ids)))))
+    return {row["id"]: row for row in meter._read(lambda db: db.execute(query).mappings().all())}
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedUsage:
+    """One already-served request to record on key ``key_id`` (what ``record_usage_for_key`` takes)."""
+
+    key_id: int
+    request_id: str
+    model: object
+    input_tokens: object
+    output_tokens: object
+    at: datetime
+    channel: str | None = None
+    payload: dict[str, Any] | None = None
+
+
+def record_usage_many(meter: Meter, items: Sequence[ImportedUsage]) -> list[Receipt | Exception]:
+    """``record_usage_for_key`` for a batch: the valid rows inserted in ONE transaction, each refusal quarantined.
+
+    Per item, in order: its receipt, or the typed error it was refused with (already quarantined, as the
+    one-row call does). A request id recorded meanwhile (another import) sends the batch one row at a time,
+    where a retry gets its first receipt.
+    """
+    keys = _key_rows(meter, (item.key_id for item in items))
+    results: list[Receipt | Exception | None] = [None] * len(items)
+    ready: list[tuple[int, dict[str, Any]]] = []
+    for index, item in enumerate(items):
+        try:
+            usage, moment = _checked(meter, item.request_id, item.model, item.input_tokens, item.output_tokens,
+                                     item.at, item.channel)
+            key = keys.get(item.key_id)
+            if key is None:
+                raise NotFound(f"no key {item.key_id}")
+            ready.append((index, meter._pending_event(key, item.request_id, usage, moment, "completed", item.channel)))
+        except quarantine.REJECTIONS as exc:
+            if getattr(exc, "retryable", False):
+                raise
+            results[index] = _one(meter, item)  # refused again there, and quarantined by the one rule
+    if ready:
+        try:
+            meter._retrying(lambda db: db.execute(insert(EVENTS), [event for _, event in ready]))
+            for index, event in ready:
+                results[index] = _receipt(event, None)
+        except IntegrityError:
+            for index, _ in ready:
+                results[index] = _one(meter, items[index])
+    return results  # type: ignore[return-value]
+
+
+def _one(meter: Meter, item: ImportedUsage) -> Receipt | Exception:
+    try:
+        return record_usage_for_key(meter, item.key_id, item.request_id, model=item.model,
+                                    input_tokens=item.input_tokens, output_tokens=item.output_tokens, at=item.at,
+                                    channel=item.channel, payload=item.payload)
+    except quarantine.REJECTIONS as exc:
+        if getattr(exc, "retryable", False):
+            raise
+        return exc
+
+
 __all__ = [
     "QUARANTINE_SOURCE", "check_usage", "create_key_from_secret", "create_linked_user", "cursor", "known_request_ids",
-    "links", "record_usage_for_key", "revoke_if_enabled", "set_cursor", "set_key_room", "usage_record",
+    "ImportedUsage", "links", "record_usage_for_key", "record_usage_many", "revoke_if_enabled", "set_cursor",
+    "set_key_room", "usage_record",
 ]
