@@ -19,6 +19,7 @@ import httpx2
 from starlette.responses import Response
 
 from gateway.provider_errors import Dialect, stream_error_event
+from gateway.settling import settle_after_answer
 from gateway.usage_chunk import UsageChunkFilter
 from metering.ledger import HoldTicket, Meter, Receipt
 from metering.streams import StreamAccumulator
@@ -95,11 +96,12 @@ class MeteredStream(Response):
 
     async def _finish(self) -> None:
         await self.upstream.aclose()
-        try:
-            self.outcome.receipt = await self.meter.asettle(self.hold, stream=self.accumulator, channel=self.channel)
-        except Exception as exc:  # noqa: BLE001 (the ledger quarantined it or the hold expires; the stream is over)
-            self.outcome.settle_error = f"{type(exc).__name__}: {exc}"
-            log.error("settling stream request %s failed: %s", self.hold.request_id, self.outcome.settle_error)
+        settled = await settle_after_answer(
+            lambda: self.meter.asettle(self.hold, stream=self.accumulator, channel=self.channel), self.hold.request_id)
+        if isinstance(settled, str):
+            self.outcome.settle_error = settled
+        else:
+            self.outcome.receipt = settled
 
 
 async def _client_gone(receive: Any) -> None:

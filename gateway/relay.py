@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx2
@@ -25,6 +24,7 @@ from gateway.config import GatewayConfig
 from gateway.dialects import DIALECTS, DialectSpec
 from gateway.metered_stream import MeteredStream
 from gateway.provider_errors import Dialect, error_response
+from gateway.settling import settle_after_answer
 from gateway.upstream_call import UpstreamUnavailable, open_upstream
 from metering.errors import RequestError, UnknownModel
 from metering.ledger import HoldTicket, Meter
@@ -130,7 +130,8 @@ class Relay:
         headers = {id_header[0].decode(): id_header[1].decode()}
         # Settled once the answer is sent (a background task of the response): the client does not wait on the
         # ledger's write. A relay dying in between leaves the hold to expire: never a double charge.
-        settle = BackgroundTask(_settle_quietly, lambda: self.meter.asettle(hold, response=answer, channel=channel), hold)
+        settle = BackgroundTask(settle_after_answer, lambda: self.meter.asettle(hold, response=answer, channel=channel),
+                                hold.request_id)
         return Response(content, status_code=200, media_type="application/json", headers=headers, background=settle)
 
     async def _upstream_error(self, spec: DialectSpec, hold: HoldTicket, response: httpx2.Response, channel: str) -> Response:
@@ -180,11 +181,3 @@ async def _json_body(request: Request) -> dict[str, Any] | str:
     if not isinstance(body, dict):
         return "the request body must be a JSON object"
     return body
-
-
-async def _settle_quietly(settle: Callable[[], Awaitable[Any]], hold: HoldTicket) -> None:
-    """Settle; a refusal was quarantined by the ledger (and the hold expires), so the client still gets its answer."""
-    try:
-        await settle()
-    except Exception as exc:  # noqa: BLE001
-        log.error("settling request %s failed: %s: %s", hold.request_id, type(exc).__name__, exc)

@@ -122,3 +122,30 @@ def test_the_readme_gateway_yaml_is_a_valid_config(tmp_path, monkeypatch) -> Non
     config = load_config(path)
     assert [u.provider for u in config.upstreams] == ["openai", "anthropic"]
     assert config.upstream("openai").addresses()[1][1] == "openai-official-backup"  # type: ignore[union-attr]
+
+
+def test_a_settle_after_the_answer_is_retried_while_the_ledger_is_busy(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from gateway import settling
+    from metering.ledger.errors import LedgerBusy, SettleConflict
+
+    monkeypatch.setattr(settling, "PAUSE_SECONDS", 0.0)
+    calls: list[int] = []
+
+    def settle_failing(failures: int, error: Exception):  # type: ignore[no-untyped-def]
+        async def settle() -> str:
+            calls.append(1)
+            if len(calls) <= failures:
+                raise error
+            return "receipt"
+        return settle
+
+    assert asyncio.run(settling.settle_after_answer(settle_failing(2, LedgerBusy("lock wait")), "r1")) == "receipt"
+    assert len(calls) == 3  # two busy answers, then the settle (the same hold: idempotent)
+    calls.clear()
+    reason = asyncio.run(settling.settle_after_answer(settle_failing(99, LedgerBusy("lock wait")), "r2"))
+    assert len(calls) == settling.ATTEMPTS and reason.startswith("LedgerBusy after")  # type: ignore[union-attr]
+    calls.clear()
+    reason = asyncio.run(settling.settle_after_answer(settle_failing(99, SettleConflict("other usage")), "r3"))
+    assert len(calls) == 1 and reason.startswith("SettleConflict")  # type: ignore[union-attr]  (refused: no retry)
