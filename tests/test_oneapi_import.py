@@ -239,6 +239,38 @@ def test_a_later_run_imports_only_the_new_logs_and_follows_the_balance(flavor: s
     assert ledger.audit().ok
 
 
+def test_new_apis_cache_reads_are_priced_at_the_cached_rate_for_openai_models(tmp_path: Path, ledger: Meter) -> None:
+    """new-api keeps a log's prompt-cache reads in ``other.cache_tokens``; for OpenAI they are inside prompt_tokens."""
+    url = f"sqlite:///{tmp_path}/src.db"
+    populate(url, "new-api")
+
+    def cached_log(id: int, model: str, prompt: int, cache: int, other: str | None = None) -> dict[str, Any]:
+        return {"id": id, "user_id": 1, "created_at": T0 + id, "type": 2, "model_name": model, "prompt_tokens": prompt,
+                "completion_tokens": 200, "quota": 0, "token_id": 1, "token_name": "main",
+                "other": other if other is not None else json.dumps({"cache_tokens": cache, "cache_ratio": 0.5})}
+
+    schema.add(url, "logs", [
+        cached_log(20, "gpt-4o", 1000, 600),
+        cached_log(21, "claude-sonnet-4", 1000, 600),  # Claude's cache figures are not mapped: priced as input
+        cached_log(22, "gpt-4o", 100, 600),            # more cache reads than input: quarantined
+        cached_log(23, "gpt-4o", 1000, 0, other="not json"),
+    ])
+    summary = run_import(ledger, url)
+    assert (summary["logs"]["cache_mapped"], summary["logs"]["cache_not_mapped"]) == (2, 1)
+    assert summary["quarantine_reasons"]["InvalidUsage cached_tokens"] == 1
+    with ledger.engine.connect() as connection:
+        events = {r.request_id: r for r in connection.execute(text(
+            "SELECT request_id, input_tokens, cached_input_tokens, quota FROM usage_events"))}
+    gpt = events["oneapi:prod:20"]
+    # 400 input at $2.50 + 600 cached at $1.25 + 200 output at $10 per 1M (gpt-4o, 2024-10-02) = $0.00375.
+    assert (gpt.input_tokens, gpt.cached_input_tokens, gpt.quota) == (400, 600, 1_875)
+    claude = events["oneapi:prod:21"]
+    # 1,000 input at $3 + 200 output at $15 per 1M (claude-sonnet-4) = $0.006 = 3,000 units.
+    assert (claude.input_tokens, claude.cached_input_tokens, claude.quota) == (1000, 0, 3_000)
+    assert events["oneapi:prod:23"].quota == GPT4O_1000_200  # an "other" that is not JSON claims no cache
+    assert "oneapi:prod:22" not in events and ledger.audit().ok
+
+
 def test_an_unknown_group_can_be_refused_and_then_nothing_is_written(tmp_path: Path, ledger: Meter) -> None:
     url = f"sqlite:///{tmp_path}/src.db"
     populate(url, "one-api")

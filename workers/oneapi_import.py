@@ -34,6 +34,7 @@ from sqlalchemy import inspect, select
 from metering.ledger import imports, inputs, quarantine
 from metering.ledger.errors import InvalidField, NotFound
 from metering.ledger.meter import KEYS, USERS, Meter, secret_hash
+from pricing.errors import UnknownModel
 from workers.oneapi_source import (
     CONSUME, LOG_TYPES, TOKEN_DISABLED, TOKEN_EXPIRED, OneApiSource, SourceLog, SourceToken, SourceUser,
 )
@@ -356,13 +357,32 @@ def _record_logs(meter: Meter, rows: list[SourceLog], plan: _Plan, name: str, su
         channel = None if row.channel_id is None else f"oneapi-{row.channel_id}"
         batch.append((row, imports.ImportedUsage(
             key_id, _request_id(name, row), row.model_name, row.prompt_tokens, row.completion_tokens,
-            _moment(row.created_at), channel, _payload(row, name))))
+            _moment(row.created_at), channel, _payload(row, name), _cached(meter, row, summary))))
     results = imports.record_usage_many(meter, [item for _, item in batch])
     for (row, _), result in zip(batch, results, strict=True):
         if isinstance(result, Exception):
             _count_refused(summary, result)
         else:
             _count_imported(summary, charges, row, result.quota)
+
+
+def _cached(meter: Meter, row: SourceLog, summary: dict[str, Any]) -> Any:
+    """new-api's cache reads of a log, for an OpenAI model (inside its prompt_tokens, priced at the cached rate).
+
+    For Claude, new-api's prompt_tokens leave the cache reads and writes out, and its ``other`` fields for
+    them changed between versions: they are not mapped (counted), so such a log is priced as its input.
+    """
+    if row.cache_tokens is None:
+        return 0
+    try:
+        provider = meter.prices.resolve(row.model_name)[0].provider if isinstance(row.model_name, str) else None
+    except UnknownModel:
+        return 0  # the log is quarantined for its model anyway
+    if provider == "openai":
+        summary["logs"]["cache_mapped"] += 1
+        return row.cache_tokens
+    summary["logs"]["cache_not_mapped"] += 1
+    return 0
 
 
 def _count_refused(summary: dict[str, Any], exc: Exception) -> None:
@@ -393,7 +413,7 @@ def _one_log(meter: Meter, row: SourceLog, plan: _Plan, name: str, dry_run: bool
         at = _moment(row.created_at)
         if dry_run:
             quota = imports.check_usage(meter, row.model_name, row.prompt_tokens, row.completion_tokens, at,
-                                        plan.groups[row.user_id])
+                                        plan.groups[row.user_id], _cached(meter, row, summary))
             _key_for(meter, row, plan, name, summary, dry_run=True)  # counts the logs left to a fallback key
         else:
             key_id = _key_for(meter, row, plan, name, summary)

@@ -17,6 +17,7 @@ batches by id (keyset pagination), so memory stays constant whatever the table's
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ REQUIRED = {
 OPTIONAL = {
     "users": ("group", "status", "deleted_at"),
     "tokens": ("used_quota", "models", "model_limits_enabled", "model_limits", "deleted_at"),
-    "logs": ("token_id", "token_name", "channel_id", "channel"),
+    "logs": ("token_id", "token_name", "channel_id", "channel", "other"),
 }
 CONNECT_TIMEOUT_SECONDS = 10
 _GO_MYSQL_DSN = re.compile(r"^(?P<cred>.*)@(?:(?P<net>\w+)\((?P<addr>[^)]*)\))?/(?P<db>[^?]*)(?:\?(?P<params>.*))?$")
@@ -102,6 +103,8 @@ class SourceLog:
     token_id: int | None
     token_name: str | None
     channel_id: int | None
+    #: new-api's ``other.cache_tokens`` (prompt-cache reads) when the log has one, as stored; else None.
+    cache_tokens: Any = None
 
 
 def source_url(value: str) -> str:
@@ -314,10 +317,23 @@ class OneApiSource:
                     token_id=int(r["token_id"]) if "token_id" in has and r["token_id"] else None,
                     token_name=str(r["token_name"]) if "token_name" in has and r["token_name"] is not None else None,
                     channel_id=int(r[channel]) if channel and r[channel] else None,
+                    cache_tokens=_cache_tokens(r["other"]) if "other" in has else None,
                 )
                 for r in rows
             ]
             after = int(rows[-1]["id"])
+
+
+def _cache_tokens(other: Any) -> Any:
+    """``cache_tokens`` of new-api's ``other`` JSON (None when absent, 0, or the text is not a JSON object)."""
+    if not other:
+        return None
+    try:
+        parsed = json.loads(other)
+    except (TypeError, ValueError):
+        return None  # other is free-form for some log kinds; no cache figure is then claimed
+    value = parsed.get("cache_tokens") if isinstance(parsed, dict) else None
+    return value if value not in (None, 0) else None
 
 
 def _names(text: Any) -> tuple[str, ...]:

@@ -192,28 +192,41 @@ def known_request_ids(meter: Meter, request_ids: Iterable[str]) -> set[str]:
     return found
 
 
-def usage_record(meter: Meter, model: object, input_tokens: object, output_tokens: object) -> UsageRecord:
-    """The usage of one imported log (counts as the upstream reported them); ``InvalidUsage`` naming the field."""
+def usage_record(meter: Meter, model: object, input_tokens: object, output_tokens: object,
+                 cached_tokens: object = 0) -> UsageRecord:
+    """The usage of one imported log (counts as the upstream reported them); ``InvalidUsage`` naming the field.
+
+    ``cached_tokens``: the prompt-cache reads *inside* ``input_tokens``, as OpenAI counts them (its
+    ``prompt_tokens`` includes ``cached_tokens``); they are priced at the cached rate (docs/usage-record.md).
+    """
     if not isinstance(model, str):
         raise InvalidUsage("model", f"must be a model name, got {type(model).__name__}")
     try:
         provider = meter.prices.resolve(model)[0].provider
     except UnknownModel:
         provider = infer_provider(model) if model.strip() else "unknown"  # the price look-up refuses it next
+    if cached_tokens:
+        if not isinstance(cached_tokens, int) or isinstance(cached_tokens, bool) or cached_tokens < 0:
+            raise InvalidUsage("cached_tokens", f"must be a non-negative integer, got {cached_tokens!r}")
+        if not isinstance(input_tokens, int) or isinstance(input_tokens, bool) or cached_tokens > input_tokens:
+            raise InvalidUsage("cached_tokens", f"{cached_tokens} cached tokens are more than the {input_tokens!r} input")
+        return UsageRecord(provider=provider, model=model, input_tokens=input_tokens - cached_tokens,
+                           cached_input_tokens=cached_tokens, output_tokens=output_tokens,  # type: ignore[arg-type]
+                           source=UsageSource.UPSTREAM)
     return UsageRecord(provider=provider, model=model, input_tokens=input_tokens,  # type: ignore[arg-type]
                        output_tokens=output_tokens, source=UsageSource.UPSTREAM)  # type: ignore[arg-type]
 
 
 def check_usage(meter: Meter, model: object, input_tokens: object, output_tokens: object, at: datetime,
-                group: str) -> int:
+                group: str, cached_tokens: object = 0) -> int:
     """What ``record_usage_for_key`` would charge, writing nothing (a dry run); its typed error otherwise."""
-    usage = usage_record(meter, model, input_tokens, output_tokens)
+    usage = usage_record(meter, model, input_tokens, output_tokens, cached_tokens)
     return price(meter.prices, usage, inputs.event_time(at, "at"), group).quota
 
 
 def record_usage_for_key(
     meter: Meter, key_id: int, request_id: str, *, model: object, input_tokens: object, output_tokens: object,
-    at: datetime, channel: str | None = None, payload: dict[str, Any] | None = None,
+    at: datetime, channel: str | None = None, payload: dict[str, Any] | None = None, cached_tokens: object = 0,
 ) -> Receipt:
     """Record an already-served request's usage on key ``key_id`` as a pending event (``fold_deferred`` charges it).
 
@@ -222,11 +235,12 @@ def record_usage_for_key(
     refuses is quarantined (source ``import_usage``, ``payload`` kept with it) before the typed error is raised.
     """
     try:
-        return _record(meter, key_id, request_id, model, input_tokens, output_tokens, at, channel)
+        return _record(meter, key_id, request_id, model, input_tokens, output_tokens, at, channel, cached_tokens)
     except quarantine.REJECTIONS as exc:
         if not getattr(exc, "retryable", False):
             user = meter._read(lambda db: db.execute(select(KEYS.c.user_id).where(KEYS.c.id == key_id)).scalar())
-            stored = {"model": model, "input_tokens": input_tokens, "output_tokens": output_tokens, "at": at,
+            stored = {"model": model, "input_tokens": input_tokens, "output_tokens": output_tokens,
+                      "cached_tokens": cached_tokens, "at": at,
                       "channel": channel, **(payload or {})}
             meter._quarantine(exc, QUARANTINE_SOURCE, stored, request_id=request_id, user_id=user, key_id=key_id,
                               model=model)
@@ -234,8 +248,8 @@ def record_usage_for_key(
 
 
 def _record(meter: Meter, key_id: int, request_id: str, model: object, input_tokens: object, output_tokens: object,
-            at: datetime, channel: str | None) -> Receipt:
-    usage, moment = _checked(meter, request_id, model, input_tokens, output_tokens, at, channel)
+            at: datetime, channel: str | None, cached_tokens: object = 0) -> Receipt:
+    usage, moment = _checked(meter, request_id, model, input_tokens, output_tokens, at, channel, cached_tokens)
     key = _key_rows(meter, [key_id]).get(key_id)
     if key is None:
         raise NotFound(f"no key {key_id}")
@@ -243,13 +257,13 @@ def _record(meter: Meter, key_id: int, request_id: str, model: object, input_tok
 
 
 def _checked(meter: Meter, request_id: str, model: object, input_tokens: object, output_tokens: object,
-             at: datetime, channel: str | None) -> tuple[UsageRecord, datetime]:
+             at: datetime, channel: str | None, cached_tokens: object = 0) -> tuple[UsageRecord, datetime]:
     """The usage and time of one imported request, every field checked (typed errors naming the field)."""
     inputs.identifier(request_id, "request_id")
     if channel is not None:
         inputs.identifier(channel, "channel", inputs.CHANNEL_MAX_CHARS)
     moment = inputs.event_time(at, "at")
-    return usage_record(meter, model, input_tokens, output_tokens), moment
+    return usage_record(meter, model, input_tokens, output_tokens, cached_tokens), moment
 
 
 def _key_rows(meter: Meter, key_ids: Iterable[int]) -> dict[int, Any]:
@@ -271,6 +285,7 @@ class ImportedUsage:
     at: datetime
     channel: str | None = None
     payload: dict[str, Any] | None = None
+    cached_tokens: object = 0  # prompt-cache reads inside input_tokens (OpenAI's sense)
 
 
 def record_usage_many(meter: Meter, items: Sequence[ImportedUsage]) -> list[Receipt | Exception]:
@@ -286,7 +301,7 @@ def record_usage_many(meter: Meter, items: Sequence[ImportedUsage]) -> list[Rece
     for index, item in enumerate(items):
         try:
             usage, moment = _checked(meter, item.request_id, item.model, item.input_tokens, item.output_tokens,
-                                     item.at, item.channel)
+                                     item.at, item.channel, item.cached_tokens)
             key = keys.get(item.key_id)
             if key is None:
                 raise NotFound(f"no key {item.key_id}")
@@ -310,7 +325,7 @@ def _one(meter: Meter, item: ImportedUsage) -> Receipt | Exception:
     try:
         return record_usage_for_key(meter, item.key_id, item.request_id, model=item.model,
                                     input_tokens=item.input_tokens, output_tokens=item.output_tokens, at=item.at,
-                                    channel=item.channel, payload=item.payload)
+                                    channel=item.channel, payload=item.payload, cached_tokens=item.cached_tokens)
     except quarantine.REJECTIONS as exc:
         if getattr(exc, "retryable", False):
             raise
