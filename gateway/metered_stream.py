@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
@@ -21,24 +20,12 @@ from starlette.responses import Response
 from gateway.provider_errors import Dialect, stream_error_event
 from gateway.settling import settle_after_answer
 from gateway.usage_chunk import UsageChunkFilter
-from metering.ledger import HoldTicket, Meter, Receipt
+from metering.ledger import HoldTicket, Meter
 from metering.streams import StreamAccumulator
 
 log = logging.getLogger("gateway.stream")
 STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                   (b"x-accel-buffering", b"no")]  # no proxy buffering: tokens must reach the client as they come
-
-
-@dataclass
-class StreamOutcome:
-    """How a relayed stream ended (for logs and tests)."""
-
-    client_gone: bool = False
-    upstream_broken: str | None = None
-    receipt: Receipt | None = None
-    settle_error: str | None = None
-    delivered_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MeteredStream(Response):
@@ -54,15 +41,13 @@ class MeteredStream(Response):
         self.filter = UsageChunkFilter() if hide_usage_chunk else None
         self.start_headers = [*STREAM_HEADERS, request_id_header]
         self.accumulator: StreamAccumulator = meter.accumulator(hold)
-        self.outcome = StreamOutcome()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # type: ignore[override]
         pump = asyncio.ensure_future(self._pump(send))
         watcher = asyncio.ensure_future(_client_gone(receive))
         try:
             await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done():
-                self.outcome.client_gone = True
+            if not pump.done():  # the client hung up: stop relaying (and the upstream call, in _finish)
                 pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
         finally:
@@ -81,7 +66,6 @@ class MeteredStream(Response):
             if self.filter:
                 await self._deliver(send, self.filter.flush())
         except httpx2.HTTPError as exc:  # the upstream broke off (reset, incomplete body, read timeout)
-            self.outcome.upstream_broken = type(exc).__name__
             log.warning("upstream %s broke off a stream (%s) for request %s", self.channel, type(exc).__name__,
                         self.hold.request_id)
             await send({"type": "http.response.body", "more_body": True,
@@ -92,16 +76,11 @@ class MeteredStream(Response):
     async def _deliver(self, send: Any, data: bytes) -> None:
         if data:
             await send({"type": "http.response.body", "body": data, "more_body": True})
-            self.outcome.delivered_bytes += len(data)
 
     async def _finish(self) -> None:
         await self.upstream.aclose()
-        settled = await settle_after_answer(
+        await settle_after_answer(
             lambda: self.meter.asettle(self.hold, stream=self.accumulator, channel=self.channel), self.hold.request_id)
-        if isinstance(settled, str):
-            self.outcome.settle_error = settled
-        else:
-            self.outcome.receipt = settled
 
 
 async def _client_gone(receive: Any) -> None:

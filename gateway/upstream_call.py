@@ -33,7 +33,6 @@ class Opened:
 
     response: httpx2.Response
     channel: str
-    attempts: int
 
 
 async def open_upstream(
@@ -58,5 +57,5 @@ async def open_upstream(
             failures.append(f"{channel}: HTTP {response.status_code}")
             log.warning("upstream %s answered %s; trying the backup", channel, response.status_code)
             continue
-        return Opened(response, channel, attempt)
+        return Opened(response, channel)
     raise UpstreamUnavailable("; ".join(failures))

@@ -239,7 +239,7 @@ def _map_tokens(meter: Meter, tokens: list[SourceToken], users: list[SourceUser]
         if existing is not None:
             plan.keys[token.id] = existing
             summary["keys"]["existing"] += 1
-            if terms["revoked"] and not dry_run and imports.revoke_if_enabled(meter, existing):
+            if terms["revoked"] and not dry_run and meter.revoke_key(existing):
                 summary["keys"]["revoked_since"] += 1
             continue
         summary["keys"]["created"] += 1

@@ -174,11 +174,6 @@ def set_key_room(meter: Meter, key_id: int, room: int) -> bool:
     return bool(meter._retrying(lambda db: db.execute(change.values(limit_quota=target)).rowcount))
 
 
-def revoke_if_enabled(meter: Meter, key_id: int) -> bool:
-    """Revoke an imported key whose source disabled it since; False when it was already revoked."""
-    return meter.revoke_key(key_id)
-
-
 def known_request_ids(meter: Meter, request_ids: Iterable[str]) -> set[str]:
     """The request ids among ``request_ids`` that already have a usage event or an import quarantine row."""
     wanted = list(request_ids)
@@ -334,6 +329,6 @@ def _one(meter: Meter, item: ImportedUsage) -> Receipt | Exception:
 
 __all__ = [
     "QUARANTINE_SOURCE", "check_usage", "create_key_from_secret", "create_linked_user", "cursor", "known_request_ids",
-    "ImportedUsage", "links", "record_usage_for_key", "record_usage_many", "revoke_if_enabled", "set_cursor",
+    "ImportedUsage", "links", "record_usage_for_key", "record_usage_many", "set_cursor",
     "set_key_room", "usage_record",
 ]
