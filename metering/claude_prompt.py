@@ -5,6 +5,13 @@ endpoint through the official SDK, when the caller configures a client. Offline 
 the text is counted with tiktoken's o200k_base and multiplied by the model's safety factor (rounded up,
 so the estimate errs on the side of reserving enough quota); images cost (w x h)/750 after Anthropic's
 resize; tools add Anthropic's documented tool-use system prompt. Estimated counts say so.
+
+Every part of a tool is counted (each key beyond name, description and input_schema as the key plus its
+value's compact JSON), and Anthropic-defined tools add the definition tokens Anthropic publishes, or our
+documented cap where it publishes none (``ANTHROPIC_TOOL_TYPES``). A tool type we cannot bound (a tool that
+bills by the hour, an MCP server whose tools the request does not carry) is refused, never counted as 0.
+Server-tool blocks of earlier turns (``server_tool_use``, ``web_search_tool_result``...) are counted as every
+string they hold; ``redacted_thinking`` as its encrypted data (more tokens than the thinking it hides).
 """
 
 from __future__ import annotations
@@ -25,6 +32,24 @@ from pricing.usage import UsageSource
 COUNT_TOKENS_FIELDS = ("messages", "system", "tools", "tool_choice", "thinking", "mcp_servers")
 #: tool_choice types that use the shorter "any/tool" tool-use system prompt.
 FORCED_TOOL_CHOICES = frozenset({"any", "tool"})
+#: Keys of a tool counted on their own (every other key: the key and its value as compact JSON).
+TOOL_KEYS = frozenset({"name", "description", "input_schema"})
+#: Tokens a key counted as compact JSON adds around it (separators), at most.
+KEY_FRAMING = 3
+#: Anthropic-defined tool types (by prefix of ``type``; a tool without a type, or ``custom``, is the
+#: client's own) -> the tokens their definition adds beyond its JSON. Sources: Anthropic "Tool use - pricing"
+#: (bash 245 tokens, text editor 700, computer use 735 plus up to 499 of system prompt); web search, web fetch
+#: and memory publish no figure: 1,000 is our cap. Their per-use costs are in ``metering.worst_case``.
+ANTHROPIC_TOOL_TYPES: tuple[tuple[str, int], ...] = (
+    ("bash_", 245),
+    ("text_editor_", 700),
+    ("computer_", 735 + 499),
+    ("web_search_", 1_000),
+    ("web_fetch_", 1_000),
+    ("memory_", 1_000),
+)
+#: Content blocks of earlier turns that carry a server tool's call or results: counted as every string in them.
+SERVER_TOOL_BLOCKS = frozenset({"server_tool_use", "web_search_tool_result", "web_fetch_tool_result"})
 
 
 def estimate_claude(
@@ -38,6 +63,8 @@ def estimate_claude(
     spec = resolved.spec
     if spec.claude_safety_factor is None or spec.claude_tool_prompt is None:
         raise ValueError(f"{resolved.canonical} is not a Claude model")
+    if body.get("mcp_servers"):  # their tools' definitions (and what they return) are not in the request
+        raise RequestError(("mcp_servers",), "MCP servers cannot be counted offline: their tools are not in the request")
     count = text_counter(spec.encoding, cache)
     images = ImageTally(spec.image, image_sizes)
     framing = spec.framing
@@ -137,7 +164,10 @@ def _block_tokens(block: Any, path: tuple[str | int, ...], count: TextCounter, i
     if kind == "thinking":
         return count(require(block.get("thinking"), str, (*path, "thinking"), "a string"))
     if kind == "redacted_thinking":
-        return 0  # encrypted: its size is not the model's token count, and it is not re-sent as text
+        # Encrypted: billed as the thinking it hides when it is the last turn's; its text is an upper bound.
+        return count(require(block.get("data") or "", str, (*path, "data"), "a string"))
+    if isinstance(kind, str) and kind in SERVER_TOOL_BLOCKS:
+        return count(compact_json(block, path))
     raise RequestError((*path, "type"), f"content block type {kind!r} cannot be counted")
 
 
@@ -161,15 +191,31 @@ def _tools_tokens(body: Mapping[str, Any], count: TextCounter, tool_prompt: tupl
         return 0, 0
     text = 0
     for index, tool in enumerate(require(tools, list, ("tools",), "a list of tools")):
-        tool = require(tool, dict, ("tools", index), "a tool object")
-        text += count(require(tool.get("name"), str, ("tools", index, "name"), "a string"))
-        text += count(require(tool.get("description") or "", str, ("tools", index, "description"), "a string"))
+        path = ("tools", index)
+        tool = require(tool, dict, path, "a tool object")
+        text += count(require(tool.get("name"), str, (*path, "name"), "a string"))
+        text += count(require(tool.get("description") or "", str, (*path, "description"), "a string"))
         schema = tool.get("input_schema")
         if schema is not None:
-            text += count(compact_json(schema, ("tools", index, "input_schema")))
+            text += count(compact_json(schema, (*path, "input_schema")))
+        for key, value in tool.items():
+            if key not in TOOL_KEYS and value is not None:
+                text += KEY_FRAMING + count(key) + count(compact_json(value, (*path, key)))
+        text += _tool_type_tokens(tool.get("type"), path)
     choice = body.get("tool_choice") or {}
     choice_type = require(choice, dict, ("tool_choice",), "an object").get("type", "auto")
     if not isinstance(choice_type, str):
         raise RequestError(("tool_choice", "type"), f"must be a string, got {type(choice_type).__name__}")
     auto_or_none, any_or_tool = tool_prompt
     return text, any_or_tool if choice_type in FORCED_TOOL_CHOICES else auto_or_none
+
+
+def _tool_type_tokens(kind: Any, path: tuple[str | int, ...]) -> int:
+    """What an Anthropic-defined tool's definition adds; a type that cannot be bounded is refused."""
+    if kind is None or kind == "custom":
+        return 0
+    if isinstance(kind, str):
+        for prefix, tokens in ANTHROPIC_TOOL_TYPES:
+            if kind.startswith(prefix):
+                return tokens
+    raise RequestError((*path, "type"), f"tool type {kind!r} cannot be counted or bounded")

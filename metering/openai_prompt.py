@@ -6,6 +6,13 @@ adds ``tokens_per_name``, and the reply is primed with 3 more. Function/tool def
 cookbook's ``num_tokens_for_tools``. Where the cookbook is silent we document our rule next to it:
 nested object properties are counted like top-level ones, assistant tool calls cost their name and
 arguments plus a fixed framing, and ``tool_choice`` follows openai-chat-tokens' measurements.
+
+What the cookbook's rule does not know is never left out: every other key of a definition or schema, at
+any depth (``strict``, ``additionalProperties``, ``$defs``, ``anyOf``, ``default``, ``format``, an ``items``'
+own ``description``...), and a ``response_format`` JSON schema (the model is shown it), is counted as an
+upper bound: the key and its value as compact JSON, plus ``UNKNOWN_KEY_FRAMING`` tokens. JSON's quotes,
+colons and braces cost more tokens than the TypeScript-like text OpenAI renders schemas into, so this errs
+on the side of reserving enough; a count that includes such a part says ``estimated``, never ``local``.
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ from typing import Any
 
 from metering.count_cache import DEFAULT_CACHE, TokenCountCache
 from metering.encodings import get_encoding
-from metering.errors import RequestError
+from metering.errors import RequestError, format_path
 from metering.model_table import ChatFraming, ToolFraming
 from metering.models import ResolvedModel
-from metering.prompt_count import ImageTally, PromptCount, TextCounter, require, text_counter
+from metering.prompt_count import ImageTally, PromptCount, TextCounter, compact_json, require, text_counter
 from pricing.usage import UsageSource
 
 #: Message keys that carry no prompt text (client-side hints some OpenAI-compatible clients send).
@@ -27,6 +34,17 @@ IGNORED_MESSAGE_KEYS = frozenset({"cache_control", "annotations", "audio"})
 IMAGE_DETAILS = frozenset({"low", "high", "auto"})
 #: How deep tool parameter schemas may nest (each level is counted; real schemas stay in single digits).
 MAX_SCHEMA_DEPTH = 64
+#: The keys the cookbook's rule counts (or that render as no text: ``required`` only adds ``?`` marks);
+#: any other key is counted as an upper bound.
+TOOL_KEYS = frozenset({"type", "function"})
+FUNCTION_KEYS = frozenset({"name", "description", "parameters"})
+PARAMETERS_KEYS = frozenset({"type", "properties", "required"})
+PROPERTY_KEYS = frozenset({"type", "description", "enum", "properties", "items", "required"})
+ITEMS_KEYS = frozenset({"type", "properties", "required"})
+#: Tokens added to each key counted as an upper bound (a separator and a line break around it, at most).
+UNKNOWN_KEY_FRAMING = 3
+#: ``response_format`` types that show the model no schema.
+PLAIN_RESPONSE_FORMATS = frozenset({"text", "json_object"})
 
 
 def count_openai_chat(
@@ -62,27 +80,61 @@ def count_openai_chat(
                 continue
         counted.append(_message_tokens(message, index, count, framing, images))
     message_tokens = tuple(counted)
+    bound = UpperBound(count)
     tools_tokens = 0
     if spec.tools is not None and (
         "tools" in body or "functions" in body or "tool_choice" in body or "function_call" in body
     ):
-        tools_tokens = _definitions_tokens(body, count, spec.tools) + _choice_tokens(body, count, spec.tools)
-    total = sum(message_tokens) + tools_tokens + framing.reply_priming
+        tools_tokens = _definitions_tokens(body, count, spec.tools, bound) + _choice_tokens(body, count, spec.tools)
+    format_tokens = _response_format_tokens(body.get("response_format"), bound)
+    total = sum(message_tokens) + tools_tokens + format_tokens + framing.reply_priming
+    notes: tuple[str, ...] = ("image size unknown: counted at the rule's maximum",) if images.estimated else ()
+    if bound.parts:
+        notes += (f"upper bound for parts the published rule does not cover: {', '.join(bound.parts[:5])}",)
     return PromptCount(
         model=resolved.requested,
         canonical_model=resolved.canonical,
         provider=spec.provider,
         encoding=spec.encoding,
         prompt_tokens=total,
-        source=UsageSource.ESTIMATED if images.estimated else UsageSource.LOCAL,
+        source=UsageSource.ESTIMATED if images.estimated or bound.parts else UsageSource.LOCAL,
         message_tokens=message_tokens,
-        tools_tokens=tools_tokens,
+        tools_tokens=tools_tokens + format_tokens,
         priming_tokens=framing.reply_priming,
         images=images.images,
         image_tokens=images.tokens,
         estimated_images=images.estimated,
-        notes=("image size unknown: counted at the rule's maximum",) if images.estimated else (),
+        notes=notes,
     )
+
+
+class UpperBound:
+    """Counts, as an upper bound, the parts of a request the published rule does not cover; remembers which."""
+
+    __slots__ = ("count", "parts")
+
+    def __init__(self, count: TextCounter) -> None:
+        self.count = count
+        self.parts: list[str] = []
+
+    def key(self, key: str, value: Any, path: tuple[str | int, ...]) -> int:
+        """One key and its value: both encoded (the value as compact JSON), plus the framing around them."""
+        self.parts.append(format_path((*path, key)))
+        return UNKNOWN_KEY_FRAMING + self.count(key) + self.count(compact_json(value, (*path, key)))
+
+    def others(self, obj: Mapping[str, Any], known: frozenset[str], path: tuple[str | int, ...]) -> int:
+        """Every key of ``obj`` outside ``known``, counted by ``key``."""
+        return sum(self.key(key, value, path) for key, value in obj.items() if key not in known and value is not None)
+
+
+def _response_format_tokens(response_format: Any, bound: UpperBound) -> int:
+    """A ``response_format`` JSON schema is shown to the model: counted as an upper bound (0 for text / json_object)."""
+    if response_format is None:
+        return 0
+    response_format = require(response_format, dict, ("response_format",), "an object")
+    if response_format.get("type") in PLAIN_RESPONSE_FORMATS and len(response_format) == 1:
+        return 0
+    return bound.others(response_format, frozenset({"type"}), ("response_format",))
 
 
 def message_tokens(
@@ -159,34 +211,37 @@ def _call_tokens(function: Any, path: tuple[str | int, ...], count: TextCounter,
     return count(name) + count(arguments) + framing.tokens_per_tool_call
 
 
-def _definitions_tokens(body: Mapping[str, Any], count: TextCounter, tf: ToolFraming) -> int:
+def _definitions_tokens(body: Mapping[str, Any], count: TextCounter, tf: ToolFraming, bound: UpperBound) -> int:
     definitions: list[tuple[Any, tuple[str | int, ...]]] = []
+    extra_tokens = 0
     tools = body.get("tools")
     if tools is not None:
         for index, tool in enumerate(require(tools, list, ("tools",), "a list of tools")):
             tool = require(tool, dict, ("tools", index), "a tool object")
             if tool.get("type", "function") != "function":
                 raise RequestError(("tools", index, "type"), f"tool type {tool.get('type')!r} cannot be counted")
+            extra_tokens += bound.others(tool, TOOL_KEYS, ("tools", index))
             definitions.append((tool.get("function"), ("tools", index, "function")))
     functions = body.get("functions")
     if functions is not None:
         for index, function in enumerate(require(functions, list, ("functions",), "a list of functions")):
             definitions.append((function, ("functions", index)))
     if not definitions:
-        return 0
-    tokens = tf.func_end
+        return extra_tokens
+    tokens = tf.func_end + extra_tokens
     for function, path in definitions:
         function = require(function, dict, path, "a function definition object")
         name = require(function.get("name"), str, (*path, "name"), "a string")
         description = require(function.get("description") or "", str, (*path, "description"), "a string")
-        tokens += tf.func_init + count(f"{name}:{description.removesuffix('.')}")
+        tokens += tf.func_init + count(f"{name}:{description.removesuffix('.')}") + bound.others(function, FUNCTION_KEYS, path)
         parameters = require(function.get("parameters") or {}, dict, (*path, "parameters"), "an object")
-        tokens += _properties_tokens(parameters.get("properties"), (*path, "parameters", "properties"), count, tf)
+        tokens += bound.others(parameters, PARAMETERS_KEYS, (*path, "parameters"))
+        tokens += _properties_tokens(parameters.get("properties"), (*path, "parameters", "properties"), count, tf, bound)
     return tokens
 
 
 def _properties_tokens(
-    properties: Any, path: tuple[str | int, ...], count: TextCounter, tf: ToolFraming, depth: int = 0
+    properties: Any, path: tuple[str | int, ...], count: TextCounter, tf: ToolFraming, bound: UpperBound, depth: int = 0
 ) -> int:
     if not properties:
         return 0
@@ -196,7 +251,7 @@ def _properties_tokens(
     tokens = tf.prop_init
     for key, prop in properties.items():
         prop = require(prop, dict, (*path, key), "a property schema object")
-        tokens += tf.prop_key
+        tokens += tf.prop_key + bound.others(prop, PROPERTY_KEYS, (*path, key))
         enum = prop.get("enum")
         if enum is not None:
             tokens += tf.enum_init
@@ -208,10 +263,15 @@ def _properties_tokens(
         description = require(prop.get("description") or "", str, (*path, key, "description"), "a string")
         tokens += count(f"{key}:{kind}:{description.removesuffix('.')}")
         # Beyond the cookbook (which stops at the top level): nested objects and array items count alike.
-        tokens += _properties_tokens(prop.get("properties"), (*path, key, "properties"), count, tf, depth + 1)
+        tokens += _properties_tokens(prop.get("properties"), (*path, key, "properties"), count, tf, bound, depth + 1)
         items = prop.get("items")
         if isinstance(items, dict):
-            tokens += _properties_tokens(items.get("properties"), (*path, key, "items", "properties"), count, tf, depth + 1)
+            tokens += bound.others(items, ITEMS_KEYS, (*path, key, "items"))
+            tokens += _properties_tokens(
+                items.get("properties"), (*path, key, "items", "properties"), count, tf, bound, depth + 1
+            )
+        elif items is not None:  # a tuple schema (a list): every part of it, as an upper bound
+            tokens += bound.key("items", items, (*path, key))
     return tokens
 
 

@@ -56,7 +56,9 @@ from metering.ledger.meter import secret_hash
 from metering.ledger.statements import Db
 from metering.ledger.tables import ApiKey, Hold, LedgerEntry, RedemptionCode, UsageEvent, User
 from pricing.usage import UsageRecord
-from tests.test_ledger_model import BODY, GRANTS, TOPUPS, TTL, hold_units, prices, units, usage
+from tests.test_ledger_model import (
+    BODY, GRANTS, TOPUPS, TTL, charged_units, hold_units, prices, settle_input, units, usage,
+)
 
 USERS, KEYS, HOLDS = User.__table__, ApiKey.__table__, Hold.__table__  # type: ignore[attr-defined]
 EVENTS, ENTRIES, CODES = UsageEvent.__table__, LedgerEntry.__table__, RedemptionCode.__table__  # type: ignore[attr-defined]
@@ -373,7 +375,7 @@ class Books:
         h = self.holds[request_id]
         if h.charged is not None:
             return ("receipt", *h.charged)
-        quota = units(used.input_tokens, used.output_tokens, used.cached_input_tokens)
+        quota = charged_units(used, h.max_tokens)
         k = self.keys[h.key]
         if h.status == "open":
             self.balance[h.user] += h.amount - quota
@@ -673,8 +675,9 @@ class Scenario:
             open_ = [r for r in holds if b.holds[r].status == "open"]
             rid = rng.choice(open_) if open_ and rng.random() < 0.8 else rng.choice(holds)
             h = b.holds[rid]
-            used = h.usage or usage(rng.randint(0, 40), rng.choice(
-                [rng.randint(0, h.max_tokens), rng.randint(h.max_tokens, 3 * h.max_tokens + 20)]), rng.randint(0, 20))
+            input_tokens, cached = settle_input(rng.randint)
+            used = h.usage or usage(input_tokens, rng.choice(
+                [rng.randint(0, h.max_tokens), rng.randint(h.max_tokens, 3 * h.max_tokens + 20)]), cached)
             return Op(kind, f"settle {rid} ({h.status}) {used.input_tokens}/{used.output_tokens}",
                       lambda m: m.settle(self.tickets[rid], usage=used), lambda books: books.settle(rid, used), user=h.user)
         if kind == "release":
@@ -731,7 +734,9 @@ class Scenario:
                 self.step("authorize", "none")
                 if any(h.status == "open" for h in self.books.holds.values()):
                     break
-        if kind == "fold" and not b.pending():
+        if kind == "fold" and len({b.keys[b.deferred[rid].key].user for rid in b.pending()}) > 1:
+            self.step("fold", "none")  # a locked fold must wait on one user's lock: fold the others' first
+        if kind == "fold" and not self.books.pending():
             self.step("record", "none")
         if kind == "redeem" and all(by is not None for _, by in b.codes.values()):
             worth = self.rng.randint(1, 5_000)

@@ -67,8 +67,8 @@ def alice(db: str) -> str:
 def test_db_upgrade_creates_the_schema_and_is_idempotent(db: str, tmp_path: Path) -> None:
     first = run("db", "upgrade", db=db)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == f"ok: {db} is at revision 0004 (head)"
-    assert ok_json("db", "upgrade", db=db) == {"database": db, "revision": "0004", "head": "0004"}
+    assert first.stdout.strip() == f"ok: {db} is at revision 0005 (head)"
+    assert ok_json("db", "upgrade", db=db) == {"database": db, "revision": "0005", "head": "0005"}
     tables = {r[0] for r in sqlite3.connect(tmp_path / "ledger.db").execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"users", "api_keys", "ledger_entries", "alembic_version"} <= tables
 
@@ -244,7 +244,7 @@ def test_audit_is_ok_then_exits_1_after_a_balance_is_corrupted(alice: str, tmp_p
 
 def test_the_commands_on_every_database(ledger_url: str) -> None:
     """--db works the same on SQLite, PostgreSQL and MariaDB (the server's own URL, no environment)."""
-    assert ok_json("db", "upgrade", db=ledger_url)["revision"] == "0004"
+    assert ok_json("db", "upgrade", db=ledger_url)["revision"] == "0005"
     assert ok_json("user", "create", "alice", db=ledger_url)["id"] == 1
     assert ok_json("grant", "alice", "signup", db=ledger_url)["quota"] == 100_000
     assert ok_json("topup", "alice", "--amount", "10", "--currency", "CNY", "--reference", "o-1", db=ledger_url)["quota"] == 5_000_000

@@ -139,7 +139,7 @@ def test_a_price_difference_is_reported_and_applied_exactly_once(ledger_url: str
     charged_with = Meter.open(ledger_url)
     secrets = book_customers(charged_with)
     uid = 1
-    hold = charged_with.authorize(secrets[0], body("gpt-4o", 5), "mispriced", at=moment(DAY1, 100))
+    hold = charged_with.authorize(secrets[0], {**body("gpt-4o", 5), "max_tokens": 1000}, "mispriced", at=moment(DAY1, 100))
     receipt = charged_with.settle(hold, usage=UsageRecord.from_openai("gpt-4o", {"prompt_tokens": 1000,
                                                                                 "completion_tokens": 1000}))
     charged_with.close()

@@ -82,7 +82,30 @@ def units(input_tokens: int, output_tokens: int, cached: int = 0) -> int:
 
 
 def hold_units(max_tokens: int) -> int:
-    return units(8, max_tokens)  # BODY's 8 prompt tokens + the worst-case output
+    return units(PROMPT, max_tokens)  # BODY's 8 prompt tokens + the worst-case output
+
+
+#: BODY's prompt tokens (the hold's input) and the band beyond which a reported input is capped to them.
+PROMPT = 8
+BAND = 2 * PROMPT + 1_024  # docs/ledger.md, "Upstream usage is checked": twice the hold's input plus 1,024
+
+
+def charged_units(used: UsageRecord, max_tokens: int) -> int:
+    """What settle charges for ``used`` on a hold of ``max_tokens``: the output capped at the budget, an input
+    beyond the band capped at the hold's (uncached input leaves first, then cached), the rest charged in full."""
+    output = min(used.output_tokens, max_tokens)
+    inp, cached = used.input_tokens, used.cached_input_tokens
+    if inp + cached > BAND:
+        excess = inp + cached - PROMPT
+        taken = min(inp, excess)
+        inp, cached = inp - taken, cached - min(cached, excess - taken)
+    return units(inp, output, cached)
+
+
+def settle_input(draw_int: Any) -> tuple[int, int]:
+    """(input, cached) as an upstream may report them: near the count, inside the band (charged in full: the
+    overage rule), or beyond it (capped)."""
+    return draw_int(*([(0, 40), (700, 1_000), (1_000, 1_100)][draw_int(0, 2)])), draw_int(0, 20)
 
 
 def usage(input_tokens: int, output_tokens: int, cached: int) -> UsageRecord:
@@ -329,9 +352,8 @@ class LedgerMachine(RuleBasedStateMachine):
         if h.usage is not None and same_as_before:
             used = h.usage
         else:
-            input_tokens = data.draw(st.integers(0, 40), label="input")
-            cached = data.draw(st.integers(0, 20), label="cached")
-            # Within max_tokens, or above it (the overage rule) as often.
+            input_tokens, cached = settle_input(lambda a, b: data.draw(st.integers(a, b)))
+            # Within max_tokens, or above it (capped at it) as often.
             output = data.draw(st.one_of(st.integers(0, h.max_tokens), st.integers(h.max_tokens, 3 * h.max_tokens + 20)),
                                label="output")
             used = usage(input_tokens, output, cached)
@@ -343,7 +365,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 with pytest.raises(SettleConflict):
                     self.meter.settle(h.ticket, usage=used)
             return
-        quota = units(used.input_tokens, used.output_tokens, used.cached_input_tokens)
+        quota = charged_units(used, h.max_tokens)
         before = self.balance[h.user]
         receipt = self.meter.settle(h.ticket, usage=used)
         assert (receipt.quota, receipt.hold_id, receipt.request_id) == (quota, hold, h.ticket.request_id)

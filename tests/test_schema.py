@@ -84,10 +84,30 @@ def _upgraders(url: str, tmp_path: Path, count: int) -> list[subprocess.Popen[st
 def test_the_revisions_form_one_chain_and_run_without_an_ini() -> None:
     scripts = ScriptDirectory.from_config(schema.alembic_config())
     chain = [script.revision for script in scripts.walk_revisions()]
-    assert chain == ["0004", "0003", "0002", "0001"] and schema.head_revision() == "0004"
+    assert chain == ["0005", "0004", "0003", "0002", "0001"] and schema.head_revision() == "0005"
     assert not (ROOT / "alembic.ini").exists()  # the Config is built in code
     assert (schema.MIGRATIONS / "env.py").is_file()
     assert (schema.MIGRATIONS / "versions" / "0001_initial.py").is_file()
+
+
+def test_upgrading_a_0004_database_adds_the_hold_bounds(ledger_url: str) -> None:
+    """0005 adds the holds' worst-case columns (NULL for older holds: settled as before, never capped) and the
+    quarantine's ``uncharged_quota``; its downgrade drops exactly those columns."""
+    engine = _engine(ledger_url)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(schema.alembic_config(connection), "0004")
+        assert "keep_until" not in {c["name"] for c in inspect(engine).get_columns("holds")}
+        assert schema.upgrade(engine) == schema.head_revision() and _differences(engine) == []
+        added = {"max_input_tokens", "max_output_tokens", "max_web_searches", "keep_until"}
+        assert added <= {c["name"] for c in inspect(engine).get_columns("holds")}
+        assert "uncharged_quota" in {c["name"] for c in inspect(engine).get_columns("quarantined_usage")}
+        with engine.begin() as connection:
+            command.downgrade(schema.alembic_config(connection), "0004")
+        assert not added & {c["name"] for c in inspect(engine).get_columns("holds")}
+        assert schema.upgrade(engine) == schema.head_revision() and _differences(engine) == []
+    finally:
+        engine.dispose()
 
 
 def test_upgrading_a_0001_database_keeps_its_rows_and_adds_the_worker_tables(ledger_url: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from metering.errors import MeteringError
+from pricing.usage import InvalidUsage
 
 
 class LedgerError(MeteringError):
@@ -125,3 +126,12 @@ class LedgerBusy(LedgerError):
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes, like the other typed errors
         return (type(self), (str(self),), {"maybe_applied": self.maybe_applied})
 
+
+
+class UsageBeyondHold(InvalidUsage):
+    """An upstream's usage beyond its request's worst case: charged at the worst case, the rest kept.
+
+    Never raised to the caller: ``settle`` charges the capped usage and records this, with the reported
+    figures and the quota not charged, in ``quarantined_usage`` (action ``capped``) for an operator to
+    approve (``Meter.approve_capped``) or leave. ``field`` names the first figure beyond the worst case.
+    """

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -35,7 +35,7 @@ from metering.counting import count_request
 from metering.ledger import inputs, quarantine
 from metering.ledger.database import READ_ONLY, make_engine
 from metering.ledger.errors import (
-    DuplicateReference, InvalidField, KeyRejected, LedgerBusy, NotFound, QuotaExceeded, SettleConflict,
+    DuplicateReference, InvalidField, KeyRejected, LedgerBusy, NotFound, QuotaExceeded, SettleConflict, UsageBeyondHold,
 )
 from metering.ledger.statements import (
     BALANCE_NOW,
@@ -53,6 +53,8 @@ from metering.ledger.statements import (
     NOTE_LATE_SETTLE,
     RESERVE,
     RESOLVE_HOLD,
+    EXPIRE_HOLD,
+    KEEP_ALIVE,
     TAKE,
     Db,
     Statements,
@@ -61,10 +63,11 @@ from metering.ledger.tables import ApiKey, GrantRecord, Hold, LedgerEntry, Redem
 from metering.models import resolve_model
 from metering.prompt_count import PromptCount
 from metering.streams import StreamAccumulator, StreamResult
+from metering.worst_case import BodySize, HoldBounds, WorstCase, prompt_lower_bound, scan_body, worst_case
 from pricing.quote import MAX_QUOTA, decimal_text, price, quota
 from pricing.recharge import grant_quota, quote_topup
 from pricing.table import PriceTable, load_price_table
-from pricing.usage import InvalidUsage, UsageRecord, UsageSource
+from pricing.usage import MAX_COUNT, InvalidUsage, UsageRecord, UsageSource
 
 T = TypeVar("T")
 USERS, KEYS, HOLDS = User.__table__, ApiKey.__table__, Hold.__table__  # type: ignore[attr-defined]
@@ -79,6 +82,10 @@ DEFAULT_HOLD_TTL = timedelta(minutes=10)
 OUTCOMES = ("completed", "aborted", "error")
 #: Deadlocks and serialization failures are retried this many times (the transaction is all-or-nothing).
 MAX_RETRIES = 8
+#: Bodies with this many characters of text or more are first checked against the user's balance by their
+#: lower bound (``metering.worst_case.prompt_lower_bound``), before they are encoded; smaller ones encode in
+#: microseconds, and their refusal then names the exact amount the hold needs.
+PRECHECK_MIN_CHARS = 16_384
 
 
 def utcnow() -> datetime:
@@ -167,6 +174,37 @@ class HoldTicket:
     created_at: datetime
     expires_at: datetime
     channel: str | None = None  # the upstream channel the gateway routed to, when it named one
+    #: The worst case reserved, figure by figure (None for holds taken before schema 0005): ``settle`` caps
+    #: reported figures beyond it. ``keep_until``: the latest ``keep_alive`` may move ``expires_at`` to.
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_web_searches: int | None = None
+    keep_until: datetime | None = None
+
+    @property
+    def bounds(self) -> HoldBounds | None:
+        """What settle checks the reported usage against (None: a hold from before the bounds were kept)."""
+        if self.max_input_tokens is None or self.max_output_tokens is None or self.max_web_searches is None:
+            return None
+        return HoldBounds(self.max_input_tokens, self.max_output_tokens, self.max_web_searches)
+
+
+class HoldEstimate(NamedTuple):
+    """What ``Meter.estimate`` finds: the quota to reserve, the prompt count and the rest of the worst case."""
+
+    amount: int
+    prompt: PromptCount
+    worst: WorstCase
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCheck:
+    """A key that may be used now, and what its holder has available (``Meter.check_key``)."""
+
+    user_id: int
+    key_id: int
+    price_group: str
+    available: int  # the user's balance, capped by the key's room when it has a limit; may be <= 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +475,16 @@ class Meter:
 
         return self._read(work)
 
+    def check_key(self, secret: str, model: str | None = None) -> KeyCheck:
+        """The key, if it may be used now (for ``model`` when given), and what its holder has available.
+
+        One indexed read, no counting: a gateway calls it before reading a request's body, so an unknown key
+        is refused (``KeyRejected``, 401) and an empty balance (``available`` <= 0) answered 429 before any
+        body byte is read. ``authorize`` checks all of it again.
+        """
+        key = self._read(lambda db: self._key(db, secret, model))
+        return KeyCheck(key["user_id"], key["id"], key["price_group"], _available(key))
+
     def revoke_key(self, key_id: int) -> bool:
         """Disable a key for good; False when it was already revoked."""
         revoke = update(KEYS).where(KEYS.c.id == key_id, KEYS.c.status == "enabled").values(status="revoked")
@@ -576,15 +624,28 @@ class Meter:
 
     # ------------------------------------------------------------------ holds
 
-    def estimate(self, body: dict[str, Any], model: str, group: str, at: datetime) -> tuple[int, PromptCount]:
-        """The worst case of a request in quota: its prompt count plus max_tokens (or the model's maximum)."""
+    def estimate(self, body: dict[str, Any], model: str, group: str, at: datetime) -> HoldEstimate:
+        """The worst case of a request in quota (metering/worst_case.py): the whole prompt, every choice at its
+        output budget (max_completion_tokens / max_tokens, else the model's maximum), server tools' uses."""
+        return self._estimate(body, model, group, at, self._worst_case(body, model, at))
+
+    def _estimate(self, body: dict[str, Any], model: str, group: str, at: datetime, worst: WorstCase) -> HoldEstimate:
         prompt = count_request(body, model)
+        usage = worst.usage(self.prices.resolve(model)[0].provider, model, prompt.prompt_tokens)
+        return HoldEstimate(quota(self.prices, usage, at.timestamp(), group), prompt, worst)  # the integer hot path
+
+    def _worst_case(self, body: dict[str, Any], model: str, at: datetime) -> WorstCase:
         entry, _ = self.prices.resolve(model)
         version = entry.version_at(at.timestamp()).version
-        requested = inputs.max_output_tokens(body)  # RequestError naming the field: a string, 0, a bool, absurd
-        max_output = requested if requested is not None else version.max_output_tokens
-        usage = UsageRecord(provider=entry.provider, model=model, input_tokens=prompt.prompt_tokens, output_tokens=max_output)
-        return quota(self.prices, usage, at.timestamp(), group), prompt  # the integer hot path: no exact result needed
+        return worst_case(body, resolve_model(model), version.max_output_tokens)
+
+    def _floor(self, body: dict[str, Any], model: str, group: str, at: datetime, worst: WorstCase,
+               size: BodySize) -> int:
+        """The least the hold of ``body`` can be, from a walk that encodes nothing (``scan_body``'s bound)."""
+        messages = body.get("messages")
+        lower = prompt_lower_bound(size, len(messages) if isinstance(messages, list) else 0, resolve_model(model))
+        usage = worst.usage(self.prices.resolve(model)[0].provider, model, lower)
+        return quota(self.prices, usage, at.timestamp(), group)
 
     def authorize(
         self, secret: str, request_body: dict[str, Any], request_id: str, *, model: str | None = None,
@@ -613,13 +674,24 @@ class Meter:
             existing = db.row(HOLD_BY_REQUEST, p_request_id=request_id)
             if existing is not None:
                 return self._ticket_for_retry(existing, key)
-            amount, prompt = self.estimate(request_body, model, key["price_group"], moment)
+            # Cheap checks before the body is counted: a user who cannot afford even the least this request
+            # can cost is refused without encoding it (the TAKE below re-checks under the lock either way).
+            worst = self._worst_case(request_body, model, moment)
+            size = scan_body(request_body)  # RequestError naming the path: NaN, a lone surrogate, too deep
+            if size.chars >= PRECHECK_MIN_CHARS:
+                floor, available = self._floor(request_body, model, key["price_group"], moment, worst, size), _available(key)
+                if floor > available:
+                    raise QuotaExceeded(floor, max(available, 0), "user" if available == key["balance"] else "key")
+            amount, prompt, _ = self._estimate(request_body, model, key["price_group"], moment, worst)
             created = _naive_utc(moment)
             hold = {
                 "request_id": request_id, "user_id": key["user_id"], "key_id": key["id"], "model": model,
                 "price_group": key["price_group"], "amount": amount, "prompt_tokens": prompt.prompt_tokens,
                 "prompt_source": str(prompt.source), "limited_key": key["limit_quota"] is not None,
                 "channel": channel, "status": "open", "created_at": created, "expires_at": created + self.hold_ttl,
+                "max_input_tokens": min(prompt.prompt_tokens + worst.tool_input_tokens, MAX_COUNT),
+                "max_output_tokens": worst.output_tokens, "max_web_searches": worst.web_searches,
+                "keep_until": created + max(self.hold_ttl, worst.longest_request),
             }
             with db.transaction():
                 if db.count(TAKE, p_user_id=key["user_id"], p_amount=amount) != 1:
@@ -657,26 +729,34 @@ class Meter:
         """The upstream call failed: return the hold to the balance, exactly once. False if already resolved."""
         return self._retrying(lambda db: self._resolve_open_hold(db, hold.id, "released"))
 
-    def _resolve_open_hold(self, db: Db, hold_id: int, status: str) -> bool:
-        """Release or expire a hold: its amount back to the balance (and the key), exactly once."""
+    def _resolve_open_hold(self, db: Db, hold_id: int, status: str, cutoff: datetime | None = None) -> bool:
+        """Release or expire a hold: its amount back to the balance (and the key), exactly once.
+
+        An expiry (``cutoff``) happens only if the hold is still due: a keep-alive may have moved it since.
+        """
         row = db.row(HOLD_BY_ID, p_id=hold_id)
         if row is None:
             raise NotFound(f"no hold {hold_id}")
         self._lock_user(db, row["user_id"])
-        if not self._mark_resolved(db, row, status):
+        if not self._mark_resolved(db, row, status, cutoff):
             return False
         self._move_balance(db, row["user_id"], row["amount"])
         if row["limited_key"]:
             db.count(MOVE_KEY, p_key_id=row["key_id"], p_released=row["amount"], p_used=0)
         return True
 
-    def _mark_resolved(self, db: Db, row: dict[str, Any], status: str) -> bool:
+    def _mark_resolved(self, db: Db, row: dict[str, Any], status: str, cutoff: datetime | None = None) -> bool:
         """Resolve the hold ``row`` as ``status`` and append its release entry if it is still open (False if not).
 
-        Only the transaction whose conditional UPDATE finds the hold open writes the entry; the caller, in
-        the same transaction and under the user's lock, moves the balance (and a limited key) back.
+        Only the transaction whose conditional UPDATE finds the hold open (and, for an expiry at ``cutoff``,
+        still due) writes the entry; the caller, in the same transaction and under the user's lock, moves the
+        balance (and a limited key) back.
         """
-        if db.count(RESOLVE_HOLD, p_id=row["id"], p_status=status, p_at=utcnow()) != 1:
+        if cutoff is not None:
+            resolved = db.count(EXPIRE_HOLD, p_id=row["id"], p_cutoff=cutoff, p_at=utcnow())
+        else:
+            resolved = db.count(RESOLVE_HOLD, p_id=row["id"], p_status=status, p_at=utcnow())
+        if resolved != 1:
             return False
         self._entry(db, row["user_id"], "release", row["amount"], f"release:{row['id']}", key_id=row["key_id"],
                     hold_id=row["id"])
@@ -687,7 +767,31 @@ class Meter:
         cutoff = _naive_utc(now)
         due = select(HOLDS.c.id).where(HOLDS.c.status == "open", HOLDS.c.expires_at <= cutoff)
         ids = self._read(lambda db: db.execute(due).scalars().all())
-        return sum(self._retrying(lambda db, i=i: self._resolve_open_hold(db, i, "expired")) for i in ids)
+        return sum(self._retrying(lambda db, i=i: self._resolve_open_hold(db, i, "expired", cutoff)) for i in ids)
+
+    def keep_alive(self, hold: HoldTicket, now: datetime | None = None) -> datetime | None:
+        """Keep an open hold from expiring while its upstream call runs; the new expiry, or None once resolved.
+
+        The expiry moves to ``now`` + ``hold_ttl``, never past the hold's ``keep_until`` (its request's longest
+        documented run, metering/worst_case.py) and never back. Call it more often than ``hold_ttl`` (the relay
+        does every third of it) for as long as the call is open; a gateway that dies stops calling, and the
+        hold then expires within one TTL, as before.
+        """
+        if not isinstance(hold, HoldTicket):
+            raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
+        current = _naive_utc(now)
+        limit = None if hold.keep_until is None else _naive_utc(hold.keep_until, "keep_until")
+        until = current + self.hold_ttl if limit is None else min(current + self.hold_ttl, limit)
+        query = select(HOLDS.c.status, HOLDS.c.expires_at).where(HOLDS.c.id == hold.id)
+
+        def work(db: Db) -> datetime | None:
+            db.count(KEEP_ALIVE, p_id=hold.id, p_until=until)
+            row = db.execute(query).first()
+            if row is None:
+                raise NotFound(f"no hold {hold.id}")
+            return _aware(row.expires_at) if row.status == "open" else None
+
+        return self._retrying(work)
 
     # ------------------------------------------------------------------ settlement
 
@@ -744,23 +848,54 @@ class Meter:
             _identifier(channel, "channel")
         if sum(x is not None for x in (response, usage, stream)) != 1:
             raise InvalidField("usage", "give exactly one of response=, usage= or stream=")
-        outcome = "completed"
+        outcome, source = "completed", "settle_usage"
         if stream is not None:
             if not isinstance(stream, (StreamAccumulator, StreamResult)):
                 raise InvalidField("stream", f"must be a StreamAccumulator or StreamResult, got {type(stream).__name__}")
             result = stream.finish() if isinstance(stream, StreamAccumulator) else stream
-            usage, outcome = result.usage, result.status
+            usage, outcome, source = result.usage, result.status, "settle_stream"
         elif response is not None:
-            usage = usage_from_response(response, hold.model, prompt=_prompt_of(hold))
+            usage, source = usage_from_response(response, hold.model, prompt=_prompt_of(hold)), "settle_response"
         if not isinstance(usage, UsageRecord):
             raise InvalidUsage("usage", f"must be a UsageRecord, got {type(usage).__name__}")
-        return self._charge(hold, usage, outcome, channel or hold.channel)
+        return self._charge(hold, usage, outcome, channel or hold.channel, source)
 
-    def _charge(self, hold: HoldTicket, usage: UsageRecord, outcome: str, channel: str | None) -> Receipt:
-        priced = price(self.prices, usage, hold.created_at, hold.price_group)
-        payload = _payload_hash(usage, outcome)
-        event = _event_values(hold.request_id, hold.user_id, hold.key_id, hold.model, hold.price_group, usage, outcome,
-                              priced, payload, hold.created_at)
+    def _capped(self, hold: HoldTicket, usage: UsageRecord, source: str) -> tuple[UsageRecord, dict[str, Any] | None]:
+        """``usage`` within the hold's worst case, and the quarantine row of what was beyond it (None: nothing).
+
+        The reported figures beyond the worst case (docs/ledger.md, "Upstream usage is checked") are charged at
+        the worst case; the row keeps the reported usage and the quota not charged, for an operator to approve.
+        A local count beyond it (the delivered text re-encoded, a Claude estimate's margin) is capped without a
+        row: the provider bills no choice more than its budget, so the excess is our count's slack.
+        """
+        bounds = hold.bounds
+        beyond = [] if bounds is None else bounds.beyond(usage)
+        if bounds is None or not beyond:
+            return usage, None
+        capped = bounds.cap(usage)
+        if usage.source is not UsageSource.UPSTREAM:
+            return capped, None
+        try:
+            full = quota(self.prices, usage, hold.created_at.timestamp(), hold.price_group)
+        except InvalidUsage:
+            full = MAX_QUOTA  # beyond anything one request may be charged: the approval is the operator's call
+        field = "output_tokens" if usage.output_tokens > bounds.output_tokens else (
+            "input_tokens" if usage.total_input_tokens > bounds.input_band else "web_search_requests")
+        error = UsageBeyondHold(field, f"reported {'; '.join(beyond)}: charged at the worst case, the rest kept")
+        row = quarantine.quarantine_row(
+            source=source, error=error, payload=usage, action="capped", request_id=hold.request_id,
+            user_id=hold.user_id, key_id=hold.key_id, hold_id=hold.id, model=hold.model,
+            uncharged_quota=max(full - quota(self.prices, capped, hold.created_at.timestamp(), hold.price_group), 0),
+        )
+        return capped, row
+
+    def _charge(self, hold: HoldTicket, usage: UsageRecord, outcome: str, channel: str | None,
+                source: str = "settle_usage") -> Receipt:
+        payload = _payload_hash(usage, outcome)  # of the reported usage: its retry gets the first receipt
+        charged, kept = self._capped(hold, usage, source)
+        priced = price(self.prices, charged, hold.created_at, hold.price_group)
+        event = _event_values(hold.request_id, hold.user_id, hold.key_id, hold.model, hold.price_group, charged,
+                              outcome, priced, payload, hold.created_at)
         event["hold_id"], event["channel"] = hold.id, channel
 
         def work(db: Db) -> Receipt:
@@ -771,8 +906,12 @@ class Meter:
             row = db.row(HOLD_BY_ID, p_id=hold.id)
             if row is None:
                 raise NotFound(f"no hold {hold.id}")
-            if (row["user_id"], row["key_id"]) != (hold.user_id, hold.key_id):
-                raise ValueError(f"the ticket of hold {hold.id} names another user or key than the hold")
+            if (row["user_id"], row["key_id"]) != (hold.user_id, hold.key_id) or (
+                row["max_input_tokens"], row["max_output_tokens"], row["max_web_searches"]
+            ) != (hold.max_input_tokens, hold.max_output_tokens, hold.max_web_searches):
+                raise ValueError(f"the ticket of hold {hold.id} names another user, key or worst case than the hold")
+            if kept is not None:  # in the charge's own transaction: the capped part is never lost nor kept twice
+                db.execute(insert(quarantine.QUARANTINE).values(**kept))
             was_open = self._mark_resolved(db, row, "settled")
             if not was_open:
                 # Settled after expiry (or release): charge exactly once, never release a second time.
@@ -966,12 +1105,23 @@ class Meter:
 
 
 def _ticket(row: Any) -> HoldTicket:
+    keep_until = row.get("keep_until")
     return HoldTicket(
         id=row["id"], request_id=row["request_id"], user_id=row["user_id"], key_id=row["key_id"], model=row["model"],
         price_group=row["price_group"], amount=row["amount"], prompt_tokens=row["prompt_tokens"],
         prompt_source=row["prompt_source"], created_at=_aware(row["created_at"]), expires_at=_aware(row["expires_at"]),
-        channel=row["channel"],
+        channel=row["channel"], max_input_tokens=row.get("max_input_tokens"),
+        max_output_tokens=row.get("max_output_tokens"), max_web_searches=row.get("max_web_searches"),
+        keep_until=None if keep_until is None else _aware(keep_until),
     )
+
+
+def _available(key: dict[str, Any]) -> int:
+    """What a key's holder can reserve now: the user's balance, capped by a limited key's room."""
+    balance = int(key["balance"])
+    if key["limit_quota"] is None:
+        return balance
+    return min(balance, int(key["limit_quota"]) - int(key["used_quota"]) - int(key["reserved_quota"]))
 
 
 def _reserved(db: Db, hold: HoldTicket) -> int:

@@ -54,8 +54,9 @@ EVENTS = UsageEvent.__table__  # type: ignore[attr-defined]
 #: The entry points whose rejected usage is kept (``import_usage``: a foreign gateway's log, metering/ledger/imports.py).
 SOURCES = ("settle_response", "settle_usage", "settle_stream", "record_usage", "import_usage")
 #: ``refused``: nothing was charged (the caller got the error); ``replaced``: a stream's invalid usage
-#: chunk, billed from the local count instead.
-ACTIONS = ("refused", "replaced")
+#: chunk, billed from the local count instead; ``capped``: usage beyond its hold's worst case, charged at the
+#: worst case (``uncharged_quota`` is the rest, for an operator to approve).
+ACTIONS = ("refused", "replaced", "capped")
 #: What ``settle`` and ``record_usage`` quarantine: every error they raise on purpose (the typed errors, and
 #: ValueError) except a retryable one (``LedgerBusy``: the database, not the usage). A database error that
 #: is not ours (a lost server) is not a rejection of the usage either: the caller retries the same call.
@@ -206,22 +207,9 @@ def store(
     ``run(work)`` runs ``work(db)`` in a write transaction (``Meter._retrying``). Every text is made
     storable here, so the row is written whatever the rejected values were.
     """
-    if source not in SOURCES or action not in ACTIONS:
-        raise ValueError(f"unknown quarantine source {source!r} or action {action!r}")
-    stored = render_payload(payload)
-    request = None if request_id is None else safe_text(str(request_id), 190)
-    error_name = type(error).__name__[:64]
-    field = field_of(error)
-    field = None if field is None else safe_text(field, 190)
-    digest = fingerprint(source, request, error_name, field, stored)
-    now = _now()
-    row = {
-        "fingerprint": digest, "source": source, "action": action, "request_id": request,
-        "user_id": _int_or_none(user_id), "key_id": _int_or_none(key_id), "hold_id": _int_or_none(hold_id),
-        "model": None if model is None else safe_text(str(model), 190), "error": error_name, "field": field,
-        "reason": safe_text(str(error) or error_name, MAX_REASON_CHARS), "payload": stored, "attempts": 1,
-        "created_at": now, "last_seen_at": now,
-    }
+    row = quarantine_row(source=source, error=error, payload=payload, action=action, request_id=request_id,
+                         user_id=user_id, key_id=key_id, hold_id=hold_id, model=model)
+    digest, now = row["fingerprint"], row["created_at"]
     try:
         return int(run(lambda db: db.execute(insert(QUARANTINE).values(**row)).inserted_primary_key[0]))
     except IntegrityError:
@@ -233,6 +221,30 @@ def store(
     run(lambda db: db.execute(bump))
     first = select(QUARANTINE.c.id).where(QUARANTINE.c.fingerprint == digest)
     return int(run(lambda db: db.execute(first).scalar_one()))
+
+
+def quarantine_row(
+    *, source: str, error: BaseException, payload: Any, action: str = "refused", request_id: Any = None,
+    user_id: int | None = None, key_id: int | None = None, hold_id: int | None = None, model: Any = None,
+    uncharged_quota: int | None = None,
+) -> dict[str, Any]:
+    """The ``quarantined_usage`` row of one rejection, every text made storable (``store`` inserts it; a capped
+    settle inserts it in its own charge's transaction)."""
+    if source not in SOURCES or action not in ACTIONS:
+        raise ValueError(f"unknown quarantine source {source!r} or action {action!r}")
+    stored = render_payload(payload)
+    request = None if request_id is None else safe_text(str(request_id), 190)
+    error_name = type(error).__name__[:64]
+    field = field_of(error)
+    field = None if field is None else safe_text(field, 190)
+    now = _now()
+    return {
+        "fingerprint": fingerprint(source, request, error_name, field, stored), "source": source, "action": action,
+        "request_id": request, "user_id": _int_or_none(user_id), "key_id": _int_or_none(key_id),
+        "hold_id": _int_or_none(hold_id), "model": None if model is None else safe_text(str(model), 190),
+        "error": error_name, "field": field, "reason": safe_text(str(error) or error_name, MAX_REASON_CHARS),
+        "payload": stored, "attempts": 1, "created_at": now, "last_seen_at": now, "uncharged_quota": uncharged_quota,
+    }
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -262,7 +274,7 @@ def listing(
             "attempts": int(r["attempts"]), "source": r["source"], "action": r["action"], "request_id": r["request_id"],
             "user_id": r["user_id"], "key_id": r["key_id"], "hold_id": r["hold_id"], "model": r["model"],
             "error": r["error"], "field": r["field"], "reason": r["reason"], "payload": r["payload"],
-            "settled": bool(r["settled"]),
+            "settled": bool(r["settled"]), "uncharged_quota": r["uncharged_quota"],
         }
         for r in rows
     ]
@@ -278,6 +290,7 @@ def _iso(moment: datetime) -> str:
 
 
 __all__ = [
-    "ACTIONS", "MAX_PAYLOAD_CHARS", "MAX_REASON_CHARS", "REJECTIONS", "SOURCES", "count", "field_of", "fingerprint",
-    "listing", "rejected_chunks", "render_payload", "response_payload", "safe_text", "settle_payload", "store",
+    "ACTIONS", "MAX_PAYLOAD_CHARS", "MAX_REASON_CHARS", "QUARANTINE", "REJECTIONS", "SOURCES", "count", "field_of",
+    "fingerprint", "listing", "quarantine_row", "rejected_chunks", "render_payload", "response_payload", "safe_text",
+    "settle_payload", "store",
 ]

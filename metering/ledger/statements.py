@@ -47,10 +47,12 @@ def _p(name: str) -> Any:
     return bindparam(name)
 
 
-#: The key of a request, with its user's price group: only the columns authorize and record_usage check.
+#: The key of a request, with its user's price group: only the columns authorize and record_usage check, and
+#: what the user and the key had available when it was read (the cheap refusal before a body is counted).
 KEY_BY_SECRET = Hot(
     select(KEYS.c.id, KEYS.c.user_id, KEYS.c.status, KEYS.c.display_prefix, KEYS.c.expires_at, KEYS.c.allowed_models,
-           KEYS.c.limit_quota, USERS.c.price_group, KEYS.c.secret_hash)  # the hash: compared again in constant time
+           KEYS.c.limit_quota, KEYS.c.used_quota, KEYS.c.reserved_quota, USERS.c.price_group, USERS.c.balance,
+           KEYS.c.secret_hash)  # the hash: compared again in constant time
     .join(USERS, USERS.c.id == KEYS.c.user_id).where(KEYS.c.secret_hash == _p("p_secret_hash"))
 )
 #: A redemption code by its hash (``redeem`` compares the hash again in constant time).
@@ -58,7 +60,8 @@ CODE_BY_HASH = Hot(select(CODES.c.id, CODES.c.quota, CODES.c.code_hash).where(CO
 HOLD_BY_REQUEST = Hot(select(HOLDS).where(HOLDS.c.request_id == _p("p_request_id")))
 #: What resolving a hold needs of it.
 HOLD_BY_ID = Hot(
-    select(HOLDS.c.id, HOLDS.c.user_id, HOLDS.c.key_id, HOLDS.c.amount, HOLDS.c.limited_key)
+    select(HOLDS.c.id, HOLDS.c.user_id, HOLDS.c.key_id, HOLDS.c.amount, HOLDS.c.limited_key, HOLDS.c.max_input_tokens,
+           HOLDS.c.max_output_tokens, HOLDS.c.max_web_searches)
     .where(HOLDS.c.id == _p("p_id"))
 )
 #: The user's row lock (FOR NO KEY UPDATE on PostgreSQL, FOR UPDATE on MySQL, nothing on SQLite).
@@ -95,11 +98,22 @@ RESOLVE_HOLD = Hot(
     update(HOLDS).where(HOLDS.c.id == _p("p_id"), HOLDS.c.status == "open")
     .values(status=_p("p_status"), resolved_at=_p("p_at"))
 )
+#: Expire a hold: only if it is still open and still due (a keep-alive may have moved its expiry meanwhile).
+EXPIRE_HOLD = Hot(
+    update(HOLDS).where(HOLDS.c.id == _p("p_id"), HOLDS.c.status == "open", HOLDS.c.expires_at <= _p("p_cutoff"))
+    .values(status="expired", resolved_at=_p("p_at"))
+)
+#: Keep an open hold alive: its expiry moves forward to ``p_until`` (never back).
+KEEP_ALIVE = Hot(
+    update(HOLDS).where(HOLDS.c.id == _p("p_id"), HOLDS.c.status == "open", HOLDS.c.expires_at < _p("p_until"))
+    .values(expires_at=_p("p_until"))
+)
 #: A settle after the hold expired or was released: only the time of the charge is noted.
 NOTE_LATE_SETTLE = Hot(update(HOLDS).where(HOLDS.c.id == _p("p_id")).values(resolved_at=_p("p_at")))
 INSERT_HOLD = _insert(HOLDS, (
     "request_id", "user_id", "key_id", "model", "price_group", "amount", "prompt_tokens", "prompt_source",
-    "limited_key", "channel", "status", "created_at", "expires_at",
+    "limited_key", "channel", "status", "created_at", "expires_at", "max_input_tokens", "max_output_tokens",
+    "max_web_searches", "keep_until",
 ))
 INSERT_ENTRY = _insert(ENTRIES, (
     "user_id", "key_id", "kind", "amount", "hold_id", "usage_event_id", "reference", "note", "created_at",

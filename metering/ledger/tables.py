@@ -80,6 +80,12 @@ class Hold(SQLModel, table=True):
     expires_at: datetime = _time(index=True)
     resolved_at: datetime | None = _time(nullable=True)
     channel: str | None = Field(default=None, sa_column=Column(text(64), nullable=True))  # upstream channel (0002)
+    # The worst case reserved, figure by figure (0005; NULL for older holds): settle checks the upstream's
+    # figures against it. ``keep_until``: the latest a keep-alive may move ``expires_at`` to.
+    max_input_tokens: int | None = _quota(None, nullable=True)
+    max_output_tokens: int | None = _quota(None, nullable=True)
+    max_web_searches: int | None = _quota(None, nullable=True)
+    keep_until: datetime | None = _time(nullable=True)
 
 
 class UsageEvent(SQLModel, table=True):
@@ -281,6 +287,7 @@ class QuarantinedUsage(SQLModel, table=True):
     attempts: int = _quota(1)
     created_at: datetime = _time(index=True)
     last_seen_at: datetime = _time()
+    uncharged_quota: int | None = _quota(None, nullable=True)  # action ``capped``: what was not charged (0005)
 
 
 # ---------------------------------------------------------------------- imports from other gateways (revision 0004)
