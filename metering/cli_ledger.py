@@ -52,7 +52,10 @@ db_app = typer.Typer(help="The ledger's database: create or upgrade its schema."
 user_app = typer.Typer(help="Create, show and list users.", no_args_is_help=True)
 key_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 redeem_app = typer.Typer(help="Create and use single-use redemption codes.", no_args_is_help=True)
-quarantine_app = typer.Typer(help="Rejected usage kept for finance (never dropped): list it.", no_args_is_help=True)
+quarantine_app = typer.Typer(
+    help="Rejected or capped usage kept for finance (never dropped): list it, approve a capped charge's rest.",
+    no_args_is_help=True,
+)
 #: Currencies a top-up may be paid in (the price table's recharge rates name them).
 CURRENCIES = ("CNY", "USDT", "USD")
 
@@ -623,6 +626,24 @@ def quarantine_list(
             str(row["attempts"]), "yes" if row["settled"] else "no",
         )
     _wide().print(table)
+
+
+@quarantine_app.command("approve")
+def quarantine_approve(
+    quarantine_id: Annotated[int, typer.Argument(metavar="ID", help="A capped usage's id (metering quarantine list).")],
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Charge the rest of a capped usage (reported beyond its hold's worst case): one adjustment, once."""
+    if not 0 < quarantine_id < 2**31:
+        _fail(f"ID: must be a quarantined usage's id, got {quarantine_id}")
+    charged = _with_meter(db, None, lambda meter: meter.approve_capped(quarantine_id), flags={"quarantine_id": "ID"})
+    if as_json:
+        _emit({"id": quarantine_id, "charged": charged})
+    elif charged:
+        print(f"quarantined usage {quarantine_id}: {charged} units charged")
+    else:
+        print(f"quarantined usage {quarantine_id}: approved before, nothing charged now")
 
 
 __all__ = ["db_app", "key_app", "quarantine_app", "redeem_app", "register", "user_app"]

@@ -124,7 +124,7 @@ class UpperBound:
 
     def others(self, obj: Mapping[str, Any], known: frozenset[str], path: tuple[str | int, ...]) -> int:
         """Every key of ``obj`` outside ``known``, counted by ``key``."""
-        return sum(self.key(key, value, path) for key, value in obj.items() if key not in known and value is not None)
+        return sum(self.key(key, value, path) for key, value in obj.items() if key not in known)
 
 
 def _response_format_tokens(response_format: Any, bound: UpperBound) -> int:

@@ -42,6 +42,12 @@ MAX_CHOICES = 128
 MAX_TOKEN_CHARS = 128
 #: How deep a request body may nest (real bodies, tool schemas included, stay in the low tens).
 MAX_BODY_DEPTH = 128
+#: Where the prompt's text is: the lower bound reads the strings under these top-level fields only...
+PROMPT_FIELDS = frozenset({"messages", "system"})
+#: ... but not those under these keys, which are not counted as text (image data and URLs, ids, types,
+#: signatures): a megabyte of base64 is an image of at most a few thousand tokens.
+NOT_TEXT_KEYS = frozenset({"url", "data", "image_url", "source", "type", "id", "detail", "media_type", "signature",
+                           "cache_control", "citations"})
 
 #: Anthropic runs server tools in a loop of its own and pauses the turn (``stop_reason: pause_turn``) after
 #: 10 iterations by default: without ``max_uses``, that many uses of each server tool are reserved.
@@ -62,9 +68,9 @@ HOUR_OF_OUTPUT = 128_000
 
 
 class BodySize(NamedTuple):
-    """What ``scan_body`` measured: characters in strings and how many strings hold them."""
+    """What ``scan_body`` measured: the characters of the prompt's text and how many strings hold them."""
 
-    chars: int
+    chars: int  # in the strings of ``messages`` and ``system`` that are counted as text (``PROMPT_FIELDS``)
     strings: int
 
 
@@ -188,9 +194,12 @@ def _count_value(value: Any, path: tuple[str | int, ...], maximum: int) -> int:
 
 # ---------------------------------------------------------------------- the upstream's figures, checked
 
-#: A reported input above ``INPUT_BAND_FACTOR`` x the hold's input plus ``INPUT_BAND_SLACK`` tokens is beyond
-#: any miscount: exact counts (OpenAI) are within a few tokens of the provider's, estimates (Claude, unknown
-#: image sizes, schemas) err high, and server tools' results are already in the hold's input.
+#: A reported input beyond the band is beyond any miscount: an exact count (OpenAI's text, tools by the
+#: published rule, images of known size) is within a few tokens of the provider's, so its band is the count
+#: plus a tenth plus ``INPUT_BAND_SLACK``; an estimate (Claude, unknown image sizes, schemas counted as an upper
+#: bound) errs high but not always, so its band is ``INPUT_BAND_FACTOR`` x the count plus the slack. Server
+#: tools' results are already in the hold's input.
+INPUT_BAND_EXACT_SHARE = 10  # the band of an exact count: count + count // 10 + slack
 INPUT_BAND_FACTOR = 2
 INPUT_BAND_SLACK = 1_024
 #: The input buckets, most expensive first: a capped input loses these first (cache writes cost 1.25-2x
@@ -204,10 +213,13 @@ class HoldBounds(NamedTuple):
     input_tokens: int
     output_tokens: int
     web_searches: int
+    exact: bool  # the hold's prompt count was exact (``local``), not an estimate
 
     @property
     def input_band(self) -> int:
         """The most input a report may give before it is capped."""
+        if self.exact:
+            return self.input_tokens + self.input_tokens // INPUT_BAND_EXACT_SHARE + INPUT_BAND_SLACK
         return self.input_tokens * INPUT_BAND_FACTOR + INPUT_BAND_SLACK
 
     def beyond(self, usage: UsageRecord) -> list[str]:
@@ -250,25 +262,28 @@ def scan_body(body: Any) -> BodySize:
     paths (it runs on every request); the rare refusal walks again to name where.
     """
     chars = strings = 0
-    stack: list[tuple[Any, int]] = [(body, 0)]
+    stack: list[tuple[Any, int, bool]] = [(body, 0, False)]  # value, depth, whether its text is the prompt's
     while stack:
-        value, depth = stack.pop()
+        value, depth, text = stack.pop()
         kind = type(value)
         if kind is str:
-            chars += len(value)
-            strings += 1
+            if text:
+                chars += len(value)
+                strings += 1
             if not value.isascii() and not _utf8(value):
                 raise _fault(body, "is not UTF-8 text (a lone surrogate)")
-        elif kind is dict or kind is list:
+        elif kind is dict:
             if depth >= MAX_BODY_DEPTH:
                 raise _fault(body, f"nests deeper than {MAX_BODY_DEPTH} levels")
-            items = value.items() if kind is dict else enumerate(value)
-            for key, item in items:
-                if kind is dict and type(key) is not str:
-                    raise _fault(body, "has an object key that is not a string")
-                stack.append((item, depth + 1))
-                if kind is dict:
-                    stack.append((key, depth + 1))
+            for key, item in value.items():
+                if type(key) is not str or (not key.isascii() and not _utf8(key)):
+                    raise _fault(body, "has an object key that is not UTF-8 text")
+                inside = key in PROMPT_FIELDS if depth == 0 else text and key not in NOT_TEXT_KEYS
+                stack.append((item, depth + 1, inside))
+        elif kind is list:
+            if depth >= MAX_BODY_DEPTH:
+                raise _fault(body, f"nests deeper than {MAX_BODY_DEPTH} levels")
+            stack.extend((item, depth + 1, text) for item in value)
         elif kind is float:
             if not math.isfinite(value):
                 raise _fault(body, "is not a finite number (NaN and Infinity are not JSON)")
@@ -311,7 +326,8 @@ def _fault(body: Any, reason: str) -> RequestError:
 def prompt_lower_bound(size: BodySize, messages: int, resolved: ResolvedModel) -> int:
     """A count the prompt cannot be below: the framing of its messages and its characters over 128."""
     framing = resolved.spec.framing
-    tokens = messages * framing.tokens_per_message + framing.reply_priming + -(-size.chars // MAX_TOKEN_CHARS)
+    per_message = framing.tokens_per_message + min(framing.tokens_per_name, 0)  # gpt-3.5-turbo-0301: -1 a name
+    tokens = messages * per_message + framing.reply_priming + -(-size.chars // MAX_TOKEN_CHARS)
     factor = resolved.spec.claude_safety_factor
     return tokens if factor is None else math.ceil(tokens * factor)
 
@@ -328,7 +344,8 @@ def prompt_upper_bound(body_bytes: int, messages: int, images: int, max_image_to
 
 
 __all__ = [
-    "BodySize", "DEFAULT_SERVER_TOOL_USES", "HoldBounds", "INPUT_BAND_FACTOR", "INPUT_BAND_SLACK", "MAX_BODY_DEPTH", "MAX_CHOICES", "MAX_OUTPUT_FIELDS", "MAX_SERVER_TOOL_USES",
+    "BodySize", "DEFAULT_SERVER_TOOL_USES", "HoldBounds", "INPUT_BAND_EXACT_SHARE", "INPUT_BAND_FACTOR",
+    "INPUT_BAND_SLACK", "MAX_BODY_DEPTH", "MAX_CHOICES", "MAX_OUTPUT_FIELDS", "MAX_SERVER_TOOL_USES",
     "MAX_TOKEN_CHARS", "WEB_FETCH_CONTENT_TOKENS", "WEB_SEARCH_RESULT_TOKENS", "WorstCase", "prompt_lower_bound",
     "prompt_upper_bound", "scan_body", "worst_case",
 ]

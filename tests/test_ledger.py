@@ -247,8 +247,8 @@ def test_overage_is_charged_in_full_then_authorizations_wait_for_a_topup(meter: 
     hold = meter.authorize(secret, BODY, "req-1")
     assert hold.amount == 510 and meter.balance(uid) == 0
 
-    # 808 input tokens where 8 were counted: inside the band (2 x 8 + 1,024, docs/ledger.md), an estimate's
-    # miss is charged in full; output beyond max_tokens never is (test_redteam_upstream.py).
+    # 808 input tokens where 8 were counted: inside the band (8 + 8 // 10 + 1,024, docs/ledger.md), a miss is
+    # charged in full; output beyond max_tokens never is (test_redteam_upstream.py).
     receipt = meter.settle(hold, usage=usage(808, 100))
     assert receipt.quota == units(808, 100) == 1_510  # 1,010 + 500: charged in full
     assert receipt.overage == 1_510 - 510 == 1_000

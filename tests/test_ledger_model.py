@@ -87,7 +87,7 @@ def hold_units(max_tokens: int) -> int:
 
 #: BODY's prompt tokens (the hold's input) and the band beyond which a reported input is capped to them.
 PROMPT = 8
-BAND = 2 * PROMPT + 1_024  # docs/ledger.md, "Upstream usage is checked": twice the hold's input plus 1,024
+BAND = PROMPT + PROMPT // 10 + 1_024  # docs/ledger.md, "Upstream usage is checked": an exact count's band
 
 
 def charged_units(used: UsageRecord, max_tokens: int) -> int:

@@ -186,7 +186,8 @@ class HoldTicket:
         """What settle checks the reported usage against (None: a hold from before the bounds were kept)."""
         if self.max_input_tokens is None or self.max_output_tokens is None or self.max_web_searches is None:
             return None
-        return HoldBounds(self.max_input_tokens, self.max_output_tokens, self.max_web_searches)
+        return HoldBounds(self.max_input_tokens, self.max_output_tokens, self.max_web_searches,
+                          exact=self.prompt_source == UsageSource.LOCAL)
 
 
 class HoldEstimate(NamedTuple):
@@ -934,6 +935,26 @@ class Meter:
             if existing is None:
                 raise
             return _receipt_or_conflict(existing, payload, reserved)
+
+    def approve_capped(self, quarantine_id: int) -> int:
+        """Charge what a capped settle left uncharged (an operator's decision); once. Returns the units charged now.
+
+        A settle whose reported usage was beyond its hold's worst case charged the worst case and kept the rest
+        in quarantine (action ``capped``, ``uncharged_quota``). Approving it posts one debit adjustment of that
+        rest, reference ``approve:<quarantine id>``: a second approval charges 0.
+        """
+        if not isinstance(quarantine_id, int) or isinstance(quarantine_id, bool) or not 0 < quarantine_id < 2**31:
+            raise InvalidField("quarantine_id", "must be the id of a quarantined usage (a positive integer)")
+        query = select(quarantine.QUARANTINE).where(quarantine.QUARANTINE.c.id == quarantine_id)
+        row = self._read(lambda db: db.execute(query).mappings().first())
+        if row is None:
+            raise NotFound(f"no quarantined usage {quarantine_id}")
+        if row["action"] != "capped" or not row["uncharged_quota"] or row["user_id"] is None:
+            raise InvalidField("quarantine_id", f"quarantined usage {quarantine_id} is not a capped charge with a rest")
+        amount = int(row["uncharged_quota"])
+        note = f"approved: the rest of request {row['request_id']}'s usage beyond its hold (quarantine {quarantine_id})"
+        posted = self.adjust(int(row["user_id"]), -amount, f"approve:{quarantine_id}", note)
+        return amount if posted else 0
 
     # ------------------------------------------------------------------ deferred mode
 
