@@ -9,7 +9,10 @@
   thinking), with the prompt's count as input; a cut stream is billed for what got through, and the text
   of an error event is never billed as output;
 * an Anthropic stream cut after ``message_start`` keeps that event's input figures and counts the output
-  locally; the record's source is then that of its weakest figure.
+  locally; the record's source is then that of its weakest figure;
+* server tools at work when an Anthropic stream is cut: each web search call delivered is billed as a search,
+  and the results delivered (``web_search_tool_result``, ``web_fetch_tool_result``) count as input, as the
+  provider bills them (the results were poured into its prompt).
 
 The stream dialect follows the model's provider. Bad upstream output (invalid JSON, unexpected shapes)
 is counted in ``malformed_lines`` and skipped: metering must never break the stream it watches. A usage
@@ -214,6 +217,12 @@ class _OpenAIStream(_UsageChecked):
             texts += ["".join(call.name), "".join(call.arguments)]
         return texts
 
+    def searches(self) -> int:
+        return 0  # chat completions' web search is billed through the final usage only
+
+    def server_results(self) -> list[str]:
+        return []
+
     def upstream_usage(self) -> UsageRecord | None:
         return self.usage
 
@@ -236,6 +245,11 @@ class _Block:
     parts: list[str] = field(default_factory=list)
     name: str = ""
     input: Any = None  # a tool block's start ``input`` (normally {} with the JSON in deltas)
+    result: str = ""  # a server tool's results block, as compact JSON (input the provider bills)
+
+
+#: Server tool result blocks: what they carry was poured into the prompt (billed as input).
+SERVER_RESULT_BLOCKS = frozenset({"web_search_tool_result", "web_fetch_tool_result"})
 
 
 #: Anthropic delta type -> (block type it belongs to, field holding its text).
@@ -313,6 +327,11 @@ class _AnthropicStream(_UsageChecked):
         elif state.kind in ANTHROPIC_TOOL_BLOCKS:
             state.name = _field(block, "name", str, "")
             state.input = block.get("input")
+        elif state.kind in SERVER_RESULT_BLOCKS:
+            try:
+                state.result = compact_json(block)
+            except RequestError:  # nested too deeply to write back: what it held is not countable
+                state.result = ""
 
     def _on_delta(self, obj: dict[str, Any]) -> None:
         index = _field(obj, "index", int)
@@ -361,6 +380,14 @@ class _AnthropicStream(_UsageChecked):
             elif block.kind in ANTHROPIC_TOOL_BLOCKS:
                 texts += [block.name, self._arguments(block)]
         return texts
+
+    def searches(self) -> int:
+        """Web searches delivered (each is billed per use): the server tool calls named ``web_search``."""
+        return sum(1 for b in self.blocks.values() if b.kind == "server_tool_use" and b.name == "web_search")
+
+    def server_results(self) -> list[str]:
+        """The server tools' results delivered: input the provider bills."""
+        return [b.result for b in self._ordered() if b.kind in SERVER_RESULT_BLOCKS and b.result]
 
     def upstream_usage(self) -> UsageRecord | None:
         # Final only with input figures too: a message_delta after a lost message_start would bill input 0.
@@ -435,11 +462,14 @@ class StreamAccumulator:
         if upstream is not None:
             return upstream
         output, output_source = count_generated(stream.generated(), self._resolved)
+        results, _ = count_generated(stream.server_results(), self._resolved)  # server tools' results: input
+        searches = stream.searches()
         partial = stream.partial_usage()
         if partial is not None:
             # Upstream input figures, local output; message_start's output_tokens is a floor of the output.
             return replace(
-                partial, output_tokens=max(output, partial.output_tokens), reasoning_tokens=0, source=output_source
+                partial, input_tokens=partial.input_tokens + results, output_tokens=max(output, partial.output_tokens),
+                reasoning_tokens=0, web_search_requests=max(searches, partial.web_search_requests), source=output_source,
             )
         if self._prompt is None:
             # Without a prompt count the input is unknown: 0, flagged as an estimate for reconciliation.
@@ -453,7 +483,8 @@ class StreamAccumulator:
         return UsageRecord(
             provider=self._resolved.provider,
             model=self._model,
-            input_tokens=self._prompt.prompt_tokens,
+            input_tokens=self._prompt.prompt_tokens + results,
             output_tokens=output,
+            web_search_requests=searches,
             source=UsageSource.weakest(self._prompt.source, output_source),
         )

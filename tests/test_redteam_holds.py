@@ -473,3 +473,24 @@ def test_an_expiry_never_takes_a_hold_kept_alive_after_it_was_found_due(ledger_u
         assert meter.audit().ok
     finally:
         meter.close()
+
+
+def test_a_cut_claude_stream_pays_for_the_searches_and_results_it_delivered() -> None:
+    """Cut after a web search ran: the search is billed per use and its results as input, as Anthropic bills them."""
+    results = [{"type": "web_search_result", "title": "News", "url": "https://example.com/n",
+                "encrypted_content": "EqgfCioIARgBIiQ3YTAw" * 50}]
+    events = [
+        ("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 20, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+            "type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+            "type": "input_json_delta", "partial_json": '{"query": "news"}'}}),
+        ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": results}}),
+    ]
+    accumulator = StreamAccumulator("claude-sonnet-4")
+    accumulator.feed(b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events))
+    finished = accumulator.finish()
+    assert finished.status == "aborted"
+    assert finished.usage.web_search_requests == 1
+    assert finished.usage.input_tokens > 20 + 100  # the results' text (its o200k count x 1.35) came in as input
