@@ -75,7 +75,8 @@ BODY = {"model": "gpt-4o", "max_tokens": 100, "messages": [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the capital of France? Answer in one word."}]}
 USAGE = UsageRecord.from_openai("gpt-4o", {"prompt_tokens": 30, "completion_tokens": 2})
-START_CNY, START_BALANCE = "2000000000", 10**15  # a top-up at the shipped 1 CNY = $1 promotion
+#: Each bench user's balance: more than any run spends. Credited by an adjustment: a top-up is capped at 10^9 CNY.
+START_BALANCE = 10**15
 
 HOLD_COLS = ("id, request_id, user_id, key_id, model, price_group, amount, prompt_tokens, prompt_source, "
              "limited_key, status, created_at, expires_at, resolved_at, channel")
@@ -242,12 +243,12 @@ def setup(url: str, candidates: Sequence[str]) -> dict[str, Any]:
         plan: dict[str, Any] = {"secrets": {}, "users": {}, "ttl": meter.hold_ttl}
         for candidate in candidates:
             uid = meter.create_user(f"bench-{candidate}")
-            assert meter.topup(uid, START_CNY, "CNY", f"bench-{candidate}") == START_BALANCE
+            assert meter.adjust(uid, START_BALANCE, f"bench-{candidate}", "bench funding")
             plan["users"][candidate] = uid
             plan["secrets"][candidate] = {"unlimited": meter.create_key(uid, "unlimited"),
                                           "limited": meter.create_key(uid, "limited", limit_quota=10**14)}
         now = datetime.now(UTC)
-        amount, prompt = meter.estimate(BODY, "gpt-4o", "default", now)
+        amount, prompt, _ = meter.estimate(BODY, "gpt-4o", "default", now)
         priced = price(meter.prices, USAGE, now, "default")
         event = _event_values("", 0, 0, "gpt-4o", "default", USAGE, "completed", priced, _payload_hash(USAGE, "completed"), now)
         if url.startswith("sqlite"):  # SQLite stores DateTime as text
