@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pricing.yaml_source import YamlDocument, load_yaml, read_yaml_file
 
 Provider = Literal["openai", "anthropic"]
 
@@ -101,16 +103,33 @@ class GatewayConfig(BaseModel):
 
 
 def load_config(path: str | Path) -> GatewayConfig:
-    """Read and validate a gateway YAML file; ``ConfigError`` names the file and each bad field."""
+    """Read and validate a gateway YAML file; ``ConfigError`` names the file (and line) and each bad field.
+
+    The file is read within the price table's limits (``pricing.yaml_source``: size, nesting, alias
+    expansion), so a hostile file is refused before it can exhaust memory or the stack.
+    """
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        document = load_yaml(read_yaml_file(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if document.duplicates:  # YAML would keep the last of two base_url: lines silently
+        (keys, line), *_ = document.duplicates
+        raise ConfigError(f"{path}:{line}: {'.'.join(map(str, keys))}: duplicate key")
     try:
-        config = GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(document.data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '$'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError("; ".join(_problem(path, document, e) for e in exc.errors())) from None
     for upstream in config.upstreams:
         upstream.credential()  # a missing environment variable is an error at start, not at the first request
     return config
+
+
+def _problem(path: str | Path, document: YamlDocument, error: Any) -> str:
+    """One validation error as ``file:line: field: problem`` (the line of the field, or of its nearest parent)."""
+    location = tuple(error["loc"])
+    line = document.line_of(location)
+    return f"{path}{f':{line}' if line is not None else ''}: {'.'.join(map(str, location)) or '$'}: {error['msg']}"

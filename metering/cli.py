@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
@@ -13,9 +11,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from metering.cli_ledger import register as register_ledger_commands
+from metering.cli_output import EXIT_BAD_INPUT, emit, print_error, printable
 from metering.cli_prices import register as register_pricing_commands
 from metering.counting import count_request
 from pricing.errors import BillingError, UnknownModel
+from pricing.json_source import JsonLimitError, loads, read_json_file
 from metering.images import parse_size
 from metering.model_table import MODELS, fraction_text
 
@@ -26,29 +26,27 @@ app = typer.Typer(
     add_completion=False,
 )
 stdout = Console()
-stderr = Console(stderr=True)
 register_pricing_commands(app)
 register_ledger_commands(app)
 
-#: Exit code for bad input (a request that cannot be counted, an unknown model, unreadable JSON).
-EXIT_BAD_INPUT = 2
-
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print ``error: message`` to stderr and exit with ``code``."""
-    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` to stderr (escaped: ``metering.cli_output``) and exit with ``code``."""
+    print_error(message)
     raise typer.Exit(code)
 
 
 def load_json(source: str) -> Any:
-    """Parse JSON from a path or ``-`` (stdin); a parse error names the line and column."""
+    """Parse JSON from a path or ``-`` (stdin) within ``pricing.json_source``'s limits; a problem names the line."""
     name = "<stdin>" if source == "-" else source
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        text = read_json_file(source)
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"{name}: cannot read: {exc}")
+    except JsonLimitError as exc:
+        fail(f"{name}: {exc.msg}")
     try:
-        return json.loads(text)
+        return loads(text)
     except json.JSONDecodeError as exc:
         fail(f"{name}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg})")
 
@@ -99,15 +97,15 @@ def count(
     except BillingError as exc:
         fail(str(exc))
     if as_json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        emit(result.to_dict())
         return
     stdout.print(
-        f"{result.model} ({result.canonical_model}, {result.encoding or 'no encoding'}): "
+        f"{escape(printable(result.model))} ({result.canonical_model}, {result.encoding or 'no encoding'}): "
         f"[bold]{result.prompt_tokens}[/] prompt tokens, {result.source}",
         highlight=False,
     )
     for note in result.notes:
-        stdout.print(f"  note: {note}", highlight=False)
+        stdout.print(f"  note: {escape(printable(note))}", highlight=False)
 
 
 @app.command()

@@ -12,28 +12,25 @@ never again: the database keeps only their sha256.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
+from metering.cli_output import cell, emit, fail, printable
 from pricing.errors import BillingError
 from pricing.quote import MAX_QUOTA, decimal_text
 
 T = TypeVar("T")
 stdout = Console()
 stderr = Console(stderr=True)
-EXIT_BAD_INPUT = 2
 EXIT_VIOLATIONS = 1
 SECRET_WARNING = "shown this once: the ledger stores only its sha256 and cannot show it again; copy it now"
 
@@ -46,7 +43,27 @@ PricesOption = Annotated[
     typer.Option("--prices", help="Price table YAML (default: $METERING_PRICE_TABLE, else the bundled table)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
-UserArgument = Annotated[str, typer.Argument(help="The user's name or id.", show_default=False)]
+
+
+def _user_reference(field: str) -> Callable[[Optional[str]], Optional[str]]:
+    """A parameter callback refusing, before any database is opened, a USER that can be no user (exit 2)."""
+
+    def check(value: Optional[str]) -> Optional[str]:
+        from metering.ledger.errors import InvalidField
+        from metering.ledger.inputs import user_ref
+
+        if value is not None:
+            try:
+                user_ref(value, field)  # the ledger's own rule (Meter.find_user): an id within 64 bits, or a name
+            except InvalidField as exc:
+                fail(str(exc))
+        return value
+
+    return check
+
+
+UserArgument = Annotated[str, typer.Argument(help="The user's name or id.", show_default=False,
+                                             callback=_user_reference("USER"))]
 
 db_app = typer.Typer(help="The ledger's database: create or upgrade its schema.", no_args_is_help=True)
 user_app = typer.Typer(help="Create, show and list users.", no_args_is_help=True)
@@ -76,24 +93,23 @@ def register(app: typer.Typer) -> None:
 # ---------------------------------------------------------------------- plumbing
 
 
-def _fail(message: str) -> NoReturn:
-    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_BAD_INPUT)
-
-
-def _message(exc: Exception, flags: dict[str, str] | None = None) -> str:
+def error_message(exc: Exception, flags: dict[str, str] | None = None) -> str:
     """What to tell the operator: our errors as they are, a database's error by its driver's first line.
 
     An error naming an argument of the library call (``reference: ...``) names the command's flag instead
-    (``--reference: ...``) when ``flags`` maps it.
+    (``--reference: ...``) when ``flags`` maps it. A price table's problems are joined on one line.
     """
     from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    from pricing.errors import PriceTableError
 
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
         return f"database: {first}"
     if isinstance(exc, SQLAlchemyError):
         return f"database: {str(exc).splitlines()[0]}"
+    if isinstance(exc, PriceTableError):
+        return "; ".join(str(problem) for problem in exc.problems)
     text = str(exc)
     field = getattr(exc, "field", None)
     if flags and isinstance(field, str) and field in flags and text.startswith(f"{field}: "):
@@ -101,13 +117,50 @@ def _message(exc: Exception, flags: dict[str, str] | None = None) -> str:
     return text
 
 
-def _handled() -> tuple[type[Exception], ...]:
+def handled_errors() -> tuple[type[Exception], ...]:
     """The errors a command reports as ``error: ...`` (exit 2); imported late, so other commands stay fast."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from metering.ledger.schema import SchemaError
 
     return (BillingError, ValueError, SchemaError, SQLAlchemyError)
+
+
+def ledger_url(db: str | None) -> str:
+    """The ledger's URL (``--db``, else ``$METERING_DB``, else the default), refused (exit 2 naming where it
+    came from) when it cannot be parsed or names a SQLite file in a directory that does not exist: a
+    mistyped path creates nothing, not even the directory."""
+    from metering.ledger.database import DB_ENV, database_url, missing_directory
+
+    url, flag = database_url(db), "--db" if db else DB_ENV
+    try:
+        missing = missing_directory(url)
+    except handled_errors() as exc:
+        fail(f"{flag}: {error_message(exc)}")
+    if missing is not None:
+        fail(f"{flag}: the directory {missing} does not exist (nothing was created; create it first)")
+    return url
+
+
+def open_ledger(db: str | None, table: Any) -> Any:
+    """The ledger at ``db`` (``ledger_url``), schema brought to head, pricing by ``table``; exit 2 naming --db."""
+    from metering.ledger import Meter
+
+    url = ledger_url(db)
+    try:
+        return Meter.open(url, prices=table)
+    except handled_errors() as exc:
+        fail(f"{'--db' if db else 'METERING_DB'}: {error_message(exc)}")
+
+
+def load_prices(prices: Path | None) -> Any:
+    """The price table (``--prices``, else ``$METERING_PRICE_TABLE``, else the bundled one); exit 2 naming it."""
+    from pricing.table import PRICE_TABLE_ENV, load_price_table
+
+    try:
+        return load_price_table(prices)
+    except handled_errors() as exc:
+        fail(f"{'--prices' if prices is not None else PRICE_TABLE_ENV}: {error_message(exc)}")
 
 
 def _with_meter(
@@ -120,25 +173,14 @@ def _with_meter(
     group, grant or currency) is reported without creating or touching the database. ``flags`` maps the
     library's argument names to the command's flags in error messages.
     """
-    from metering.ledger import Meter
-    from metering.ledger.database import database_url
-    from pricing.table import load_price_table
-
-    handled = _handled()
-    try:
-        table = load_price_table(prices)
-    except handled as exc:
-        _fail(_message(exc))
+    table = load_prices(prices)
     if check is not None:
         check(table)
-    try:
-        meter = Meter.open(database_url(db), prices=table)
-    except handled as exc:
-        _fail(_message(exc))
+    meter = open_ledger(db, table)
     try:
         return work(meter)
-    except handled as exc:
-        _fail(_message(exc, flags))
+    except handled_errors() as exc:
+        fail(error_message(exc, flags))
     finally:
         meter.close()
 
@@ -153,23 +195,22 @@ def _shown_url(url: str) -> str:
         return "<invalid URL>"
 
 
-def _emit(payload: Any) -> None:
-    print(json.dumps(payload, ensure_ascii=False))
-
-
-def _user_id(meter: Any, user: str) -> int:
-    from metering.ledger.errors import NotFound
+def _user_id(meter: Any, user: str, field: str = "USER") -> int:
+    """The id of the user ``user`` names (a name or an id); exit 2 naming ``field`` when there is none."""
+    from metering.ledger.errors import InvalidField, NotFound
 
     try:
         return meter.find_user(user)
     except NotFound as exc:
-        _fail(f"USER: {exc}")
+        fail(f"{field}: {exc}")
+    except InvalidField as exc:
+        fail(f"{field}: {exc.message}")
 
 
 def _known(flag: str, noun: str, name: str, known: Any) -> None:
     """Exit 2 naming ``flag`` unless ``name`` is one of ``known`` (a price table's groups, grants...)."""
     if name not in known:
-        _fail(f"{flag}: unknown {noun} {name!r} (known: {', '.join(sorted(known))})")
+        fail(f"{flag}: unknown {noun} {name!r} (known: {', '.join(sorted(known))})")
 
 
 def _usd(meter: Any, units: int) -> str:
@@ -195,22 +236,22 @@ def _wide() -> Console:
 @db_app.command("upgrade")
 def db_upgrade(db: DbOption = None, as_json: JsonOption = False) -> None:
     """Create the schema or upgrade it to the newest migration (safe to run anywhere, any time)."""
-    from metering.ledger.database import database_url, make_engine
+    from metering.ledger.database import make_engine
     from metering.ledger.schema import head_revision, upgrade
 
-    url = database_url(db)
+    url = ledger_url(db)
     try:
         engine = make_engine(url)
         try:
             revision = upgrade(engine)
         finally:
             engine.dispose()
-    except _handled() as exc:
-        _fail(_message(exc))
+    except handled_errors() as exc:
+        fail(f"{'--db' if db else 'METERING_DB'}: {error_message(exc)}")
     if as_json:
-        _emit({"database": _shown_url(url), "revision": revision, "head": head_revision()})
+        emit({"database": _shown_url(url), "revision": revision, "head": head_revision()})
         return
-    print(f"ok: {_shown_url(url)} is at revision {revision} (head)")
+    print(f"ok: {printable(_shown_url(url))} is at revision {revision} (head)")
 
 
 # ---------------------------------------------------------------------- users
@@ -228,9 +269,9 @@ def user_create(
     from sqlalchemy.exc import IntegrityError
 
     if not name.strip() or name != name.strip():
-        _fail("NAME: a user name must not be empty or start or end with spaces")
+        fail("NAME: a user name must not be empty or start or end with spaces")
     if name.isdigit():
-        _fail(f"NAME: a user name cannot be only digits ({name!r}): USER arguments take digits as a user id")
+        fail(f"NAME: a user name cannot be only digits ({name!r}): USER arguments take digits as a user id")
 
     def work(meter: Any) -> dict[str, Any]:
         try:
@@ -238,18 +279,18 @@ def user_create(
         except BillingError:
             pass
         else:
-            _fail(f"NAME: user {name!r} already exists")
+            fail(f"NAME: user {name!r} already exists")
         try:
             return meter.user(meter.create_user(name, group=group))
         except IntegrityError:
-            _fail(f"NAME: user {name!r} already exists")
+            fail(f"NAME: user {name!r} already exists")
 
     created = _with_meter(db, prices, work, check=lambda table: _known("--group", "group", group, table.groups),
                           flags={"name": "NAME", "group": "--group"})
     if as_json:
-        _emit(created)
+        emit(created)
         return
-    print(f"created user {created['id']} {created['name']} (group {created['group']})")
+    print(f"created user {created['id']} {printable(created['name'])} (group {printable(created['group'])})")
 
 
 @user_app.command("show")
@@ -262,11 +303,12 @@ def user_show(user: UserArgument, db: DbOption = None, as_json: JsonOption = Fal
 
     shown = _with_meter(db, None, work)
     if as_json:
-        _emit(shown)
+        emit(shown)
         return
-    print(f"user {shown['id']} {shown['name']}: group {shown['group']}, balance {shown['balance']} units (${shown['usd']})")
+    print(f"user {shown['id']} {printable(shown['name'])}: group {printable(shown['group'])}, balance {shown['balance']} "
+          f"units (${shown['usd']})")
     for key in shown["keys"]:
-        print(f"  key {key['id']} {key['name']} {key['prefix']} {key['status']}, {_limit_text(key)}")
+        print(f"  key {key['id']} {printable(key['name'])} {printable(key['prefix'])} {key['status']}, {_limit_text(key)}")
 
 
 @user_app.command("list")
@@ -274,12 +316,11 @@ def user_list(db: DbOption = None, as_json: JsonOption = False) -> None:
     """Every user, by id."""
     users = _with_meter(db, None, lambda meter: meter.users())
     if as_json:
-        _emit(users)
+        emit(users)
         return
     table = Table("id", "name", "group", "balance")
     for row in users:
-        # Text, not str: a cell's str is read as rich markup ("[/]" in a name would crash the listing).
-        table.add_row(str(row["id"]), Text(row["name"]), Text(row["group"]), str(row["balance"]))
+        table.add_row(str(row["id"]), cell(row["name"]), cell(row["group"]), str(row["balance"]))
     _wide().print(table)
 
 
@@ -312,15 +353,15 @@ def _expiry(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        _fail(f"--expires: not an ISO 8601 time: {text!r}")
+        fail(f"--expires: not an ISO 8601 time: {text!r}")
     if moment.tzinfo is None:
-        _fail(f"--expires: {text!r} has no time zone (add Z or +08:00)")
+        fail(f"--expires: {text!r} has no time zone (add Z or +08:00)")
     try:
         moment.astimezone(timezone.utc)
     except OverflowError:  # 9999-12-31T23:00-05:00 is past the last representable time once in UTC
-        _fail(f"--expires: {text!r} is out of range")
+        fail(f"--expires: {text!r} is out of range")
     if moment <= datetime.now(timezone.utc):
-        _fail(f"--expires: {text!r} is in the past")
+        fail(f"--expires: {text!r} is in the past")
     return moment
 
 
@@ -329,12 +370,12 @@ def _model_list(text: str) -> list[str]:
 
     models = [m.strip() for m in text.split(",") if m.strip()]
     if not models:
-        _fail("--models: give at least one model, e.g. --models gpt-4o,claude-sonnet-4-5")
+        fail("--models: give at least one model, e.g. --models gpt-4o,claude-sonnet-4-5")
     for model in models:
         try:
             resolve_model(model)
         except BillingError as exc:
-            _fail(f"--models: {exc}")
+            fail(f"--models: {exc}")
     return models
 
 
@@ -359,7 +400,7 @@ def key_create(
     from metering.ledger.tables import ApiKey
 
     if unlimited and limit_quota is not None:
-        _fail("--unlimited: give either --limit-quota N or --unlimited, not both")
+        fail("--unlimited: give either --limit-quota N or --unlimited, not both")
     allowed = _model_list(models) if models is not None else None
     expires_at = _expiry(expires) if expires is not None else None
 
@@ -375,30 +416,32 @@ def key_create(
     secret, row = _with_meter(db, None, work, flags={"name": "--name", "expires_at": "--expires",
                                                       "limit_quota": "--limit-quota"})
     if as_json:
-        _emit(row | {"secret": secret, "warning": f"the secret is {SECRET_WARNING}"})
+        emit(row | {"secret": secret, "warning": f"the secret is {SECRET_WARNING}"})
         return
-    print(f"created key {row['id']} {row['name']} for user {row['user_id']} ({_limit_text(row)})")
+    print(f"created key {row['id']} {printable(row['name'])} for user {row['user_id']} ({_limit_text(row)})")
     print(secret)
     stderr.print(f"warning: the secret above is {SECRET_WARNING}", highlight=False, soft_wrap=True, markup=False)
 
 
 @key_app.command("list")
 def key_list(
-    user: Annotated[Optional[str], typer.Argument(help="Only this user's keys (name or id).")] = None,
+    user: Annotated[Optional[str], typer.Argument(help="Only this user's keys (name or id).",
+                                                  callback=_user_reference("USER"))] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """API keys (prefix only, never the secret), with limits and usage."""
     rows = _with_meter(db, None, lambda meter: _keys(meter, None if user is None else _user_id(meter, user)))
     if as_json:
-        _emit(rows)
+        emit(rows)
         return
     table = Table("id", "user", "name", "prefix", "status", "limit", "used", "reserved", "charged", "models", "expires")
     for row in rows:
         table.add_row(
-            str(row["id"]), str(row["user_id"]), Text(row["name"]), row["prefix"], row["status"],
+            str(row["id"]), str(row["user_id"]), cell(row["name"]), cell(row["prefix"]), cell(row["status"]),
             "unlimited" if row["limit_quota"] is None else str(row["limit_quota"]), str(row["used_quota"]),
-            str(row["reserved_quota"]), str(row["charged_quota"]), "all" if row["models"] is None else ",".join(row["models"]),
+            str(row["reserved_quota"]), str(row["charged_quota"]),
+            cell("all" if row["models"] is None else ",".join(row["models"])),
             row["expires_at"] or "never",
         )
     _wide().print(table)
@@ -411,15 +454,22 @@ def key_revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Disable a key for good (its open holds still settle); revoking twice is not an error."""
+    from metering.ledger.errors import InvalidField
+    from metering.ledger.inputs import row_id
+
+    try:
+        row_id(key_id, "KEY_ID")  # before the ledger is opened: a 70-bit id is refused, not looked up
+    except InvalidField as exc:
+        fail(str(exc))
 
     def work(meter: Any) -> bool:
         if not any(k["id"] == key_id for k in meter.keys()):
-            _fail(f"KEY_ID: no API key {key_id}")
+            fail(f"KEY_ID: no API key {key_id}")
         return bool(meter.revoke_key(key_id))
 
     changed = _with_meter(db, None, work)
     if as_json:
-        _emit({"id": key_id, "status": "revoked", "changed": changed})
+        emit({"id": key_id, "status": "revoked", "changed": changed})
         return
     print(f"revoked key {key_id}" if changed else f"key {key_id} was already revoked")
 
@@ -442,29 +492,29 @@ def topup(
     from pricing.recharge import topup_amount
 
     if currency.upper() not in CURRENCIES:
-        _fail(f"--currency: must be one of {', '.join(CURRENCIES)}, got {currency!r}")
+        fail(f"--currency: must be one of {', '.join(CURRENCIES)}, got {currency!r}")
     from metering.ledger.errors import InvalidField
 
     try:
         identifier(reference, "--reference")
         topup_amount(amount)
     except (FieldError, InvalidField) as exc:
-        _fail(str(exc).replace("amount: ", "--amount: ", 1) if exc.field == "amount" else str(exc))
+        fail(str(exc).replace("amount: ", "--amount: ", 1) if exc.field == "amount" else str(exc))
 
     def work(meter: Any) -> dict[str, Any]:
         uid = _user_id(meter, user)
         try:
             units = meter.topup(uid, amount, currency.upper(), reference)
         except PriceNotFound as exc:  # no recharge rate in force for this currency
-            _fail(f"--currency: {exc}")
+            fail(f"--currency: {exc}")
         return {"user_id": uid, "reference": reference, "amount": amount, "currency": currency.upper(),
                 "quota": units, "balance": meter.balance(uid)}
 
     result = _with_meter(db, prices, work, flags={"amount": "--amount", "reference": "--reference"})
     if as_json:
-        _emit(result)
+        emit(result)
         return
-    print(f"top-up {reference}: {result['quota']} units to user {result['user_id']}; balance {result['balance']}")
+    print(f"top-up {printable(reference)}: {result['quota']} units to user {result['user_id']}; balance {result['balance']}")
 
 
 def grant(
@@ -483,12 +533,12 @@ def grant(
 
     result = _with_meter(db, prices, work, check=lambda table: _known("KIND", "grant", kind, table.grants))
     if as_json:
-        _emit(result)
+        emit(result)
         return
     if result["granted"]:
-        print(f"granted {kind}: {result['quota']} units to user {result['user_id']}; balance {result['balance']}")
+        print(f"granted {printable(kind)}: {result['quota']} units to user {result['user_id']}; balance {result['balance']}")
     else:
-        print(f"user {result['user_id']} already had the {kind} grant; balance {result['balance']}")
+        print(f"user {result['user_id']} already had the {printable(kind)} grant; balance {result['balance']}")
 
 
 @redeem_app.command("create")
@@ -509,13 +559,13 @@ def redeem_create(
     try:
         identifier(label, "--batch", 64)
     except InvalidField as exc:
-        _fail(str(exc))
+        fail(str(exc))
     codes = _with_meter(db, None, lambda meter: meter.create_redemption_codes(count, quota, batch=label))
     if as_json:
-        _emit({"batch": label, "count": len(codes), "quota": quota, "codes": codes,
+        emit({"batch": label, "count": len(codes), "quota": quota, "codes": codes,
                "warning": f"the codes are {SECRET_WARNING}"})
         return
-    print(f"batch {label}: {len(codes)} codes of {quota} units")
+    print(f"batch {printable(label)}: {len(codes)} codes of {quota} units")
     for code in codes:
         print(code)
     stderr.print(f"warning: the codes above are {SECRET_WARNING}", highlight=False, soft_wrap=True, markup=False)
@@ -539,12 +589,12 @@ def redeem_use(
         try:
             units = meter.redeem(uid, code)
         except (NotFound, DuplicateReference) as exc:
-            _fail(f"CODE: {exc}")
+            fail(f"CODE: {exc}")
         return {"user_id": uid, "quota": units, "balance": meter.balance(uid)}
 
     result = _with_meter(db, None, work)
     if as_json:
-        _emit(result)
+        emit(result)
         return
     print(f"redeemed {result['quota']} units for user {result['user_id']}; balance {result['balance']}")
 
@@ -561,9 +611,9 @@ def balance(user: UserArgument, db: DbOption = None, as_json: JsonOption = False
 
     result = _with_meter(db, None, work)
     if as_json:
-        _emit(result)
+        emit(result)
         return
-    print(f"{result['name']} ({result['user_id']}): {result['balance']} units (${result['usd']})")
+    print(f"{printable(result['name'])} ({result['user_id']}): {result['balance']} units (${result['usd']})")
 
 
 def audit(db: DbOption = None, as_json: JsonOption = False) -> None:
@@ -573,13 +623,13 @@ def audit(db: DbOption = None, as_json: JsonOption = False) -> None:
     report, quarantined = _with_meter(db, None, lambda meter: (meter.audit(), quarantine.count(meter._read)))
     violations = [{"invariant": v.invariant, "subject": v.subject, "detail": v.detail} for v in report.violations]
     if as_json:
-        _emit({"ok": report.ok, "violations": violations, "quarantined": quarantined})
+        emit({"ok": report.ok, "violations": violations, "quarantined": quarantined})
     elif report.ok:
         print("ok")
     else:
         print(f"{len(violations)} violation{'s' if len(violations) != 1 else ''}:")
         for v in violations:
-            print(f"  {v['invariant']}: {v['subject']}: {v['detail']}")
+            print(printable(f"  {v['invariant']}: {v['subject']}: {v['detail']}"))
     if quarantined and not as_json:
         # Not a broken invariant (nothing was written for them), but requests served and not billed yet.
         print(f"note: {quarantined} rejected usage payload{'s' if quarantined != 1 else ''} in quarantine "
@@ -593,7 +643,8 @@ def audit(db: DbOption = None, as_json: JsonOption = False) -> None:
 
 @quarantine_app.command("list")
 def quarantine_list(
-    user: Annotated[Optional[str], typer.Option("--user", help="Only this user's (name or id).")] = None,
+    user: Annotated[Optional[str], typer.Option("--user", help="Only this user's (name or id).",
+                                                callback=_user_reference("--user"))] = None,
     request_id: Annotated[Optional[str], typer.Option("--request-id", help="Only this request's.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, help="At most this many, newest first.")] = 100,
     db: DbOption = None,
@@ -608,21 +659,21 @@ def quarantine_list(
         try:
             identifier(request_id, "--request-id")
         except InvalidField as exc:
-            _fail(str(exc))
+            fail(str(exc))
 
     def work(meter: Any) -> list[dict[str, Any]]:
-        uid = None if user is None else _user_id(meter, user)
+        uid = None if user is None else _user_id(meter, user, "--user")
         return quarantine.listing(meter._read, request_id=request_id, user_id=uid, limit=limit)
 
     rows = _with_meter(db, None, work)
     if as_json:
-        _emit(rows)
+        emit(rows)
         return
     table = Table("id", "last seen", "source", "action", "request", "user", "model", "field", "reason", "tries", "settled")
     for row in rows:
         table.add_row(
-            str(row["id"]), row["last_seen_at"][:19], row["source"], row["action"], Text(row["request_id"] or "-"),
-            str(row["user_id"] or "-"), Text(row["model"] or "-"), Text(row["field"] or "-"), Text(row["reason"][:120]),
+            str(row["id"]), row["last_seen_at"][:19], cell(row["source"]), cell(row["action"]), cell(row["request_id"] or "-"),
+            str(row["user_id"] or "-"), cell(row["model"] or "-"), cell(row["field"] or "-"), cell(row["reason"][:120]),
             str(row["attempts"]), "yes" if row["settled"] else "no",
         )
     _wide().print(table)
@@ -635,15 +686,23 @@ def quarantine_approve(
     as_json: JsonOption = False,
 ) -> None:
     """Charge the rest of a capped usage (reported beyond its hold's worst case): one adjustment, once."""
-    if not 0 < quarantine_id < 2**31:
-        _fail(f"ID: must be a quarantined usage's id, got {quarantine_id}")
+    from metering.ledger.errors import InvalidField
+    from metering.ledger.inputs import row_id
+
+    try:
+        row_id(quarantine_id, "ID")  # before the ledger is opened
+    except InvalidField as exc:
+        fail(str(exc))
     charged = _with_meter(db, None, lambda meter: meter.approve_capped(quarantine_id), flags={"quarantine_id": "ID"})
     if as_json:
-        _emit({"id": quarantine_id, "charged": charged})
+        emit({"id": quarantine_id, "charged": charged})
     elif charged:
         print(f"quarantined usage {quarantine_id}: {charged} units charged")
     else:
         print(f"quarantined usage {quarantine_id}: approved before, nothing charged now")
 
 
-__all__ = ["db_app", "key_app", "quarantine_app", "redeem_app", "register", "user_app"]
+__all__ = [
+    "db_app", "error_message", "handled_errors", "key_app", "ledger_url", "load_prices", "open_ledger", "quarantine_app",
+    "redeem_app", "register", "user_app",
+]

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from metering.cli_output import EXIT_BAD_INPUT, cell, emit, json_safe, print_error, printable
 from pricing.errors import BillingError, FieldError, PriceNotFound, PriceTableError, UnknownModel
 from pricing.quote import decimal_text, now, price
 from pricing.recharge import quote_topup
@@ -20,7 +21,6 @@ from pricing.usage import MAX_COUNT, InvalidUsage, UsageRecord
 
 stdout = Console()
 stderr = Console(stderr=True)
-EXIT_BAD_INPUT = 2
 
 PricesOption = Annotated[
     Optional[Path],
@@ -42,7 +42,7 @@ prices_app = typer.Typer(help="Validate, show, export and import the price table
 
 
 def _fail(message: str) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    print_error(message)
     return typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -67,8 +67,8 @@ def _table(path: Path | None) -> PriceTable:
 
 def _problems(exc: PriceTableError) -> typer.Exit:
     """Print every problem as ``PATH:LINE: field: problem`` and return the exit to raise."""
-    for problem in exc.problems:
-        stderr.print(str(problem), highlight=False, soft_wrap=True, markup=False)
+    for problem in exc.problems:  # a problem quotes the file's keys, which may hold terminal controls
+        stderr.print(printable(problem), highlight=False, soft_wrap=True, markup=False)
     return typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -163,11 +163,12 @@ def quote(
             flags[PriceNotFound] = "--group" if group not in table.groups else "--at"
         raise _fail(_flagged(exc, flags)) from None
     if as_json:
-        print(json.dumps(priced.to_dict(), ensure_ascii=False))
+        emit(priced.to_dict())
         return
     stdout.print(
-        f"{priced.model} (priced as {priced.priced_model}, version of {priced.price_version.isoformat()}): "
-        f"${decimal_text(priced.usd)} list, x{decimal_text(priced.multiplier)} ({priced.group}) -> "
+        f"{escape(printable(priced.model))} (priced as {escape(printable(priced.priced_model))}, version of "
+        f"{priced.price_version.isoformat()}): ${decimal_text(priced.usd)} list, x{decimal_text(priced.multiplier)} "
+        f"({escape(printable(priced.group))}) -> "
         f"[bold]{priced.quota}[/] quota units",
         highlight=False,
     )
@@ -189,7 +190,7 @@ def quote_topup_command(
     except BillingError as exc:
         raise _fail(_flagged(exc, {FieldError: "--amount", PriceNotFound: "--currency"})) from None
     if as_json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        emit(result.to_dict())
         return
     reference = (
         f" (the same credit costs {decimal_text(result.reference_price)} {result.reference_currency} at the official rate)"
@@ -197,7 +198,8 @@ def quote_topup_command(
         else ""
     )
     stdout.print(
-        f"{result.amount} {result.currency} at {result.label}: ${decimal_text(result.usd_credit)} credit = "
+        f"{escape(printable(result.amount))} {result.currency} at {escape(printable(result.label))}: "
+        f"${decimal_text(result.usd_credit)} credit = "
         f"[bold]{result.quota}[/] quota units{reference}",
         highlight=False,
     )
@@ -207,7 +209,8 @@ def quote_topup_command(
 def validate(path: Annotated[Optional[Path], typer.Argument(help="Price table YAML (default: the one in use).")] = None) -> None:
     """Validate a price table; every problem is printed as PATH:LINE: field: problem (exit 2)."""
     table = _table(path)
-    stdout.print(f"ok: {table.source}: {len(table.models)} models, {len(table.groups)} groups", highlight=False)
+    stdout.print(f"ok: {escape(printable(table.source))}: {len(table.models)} models, {len(table.groups)} groups",
+                 highlight=False)
 
 
 @prices_app.command("show")
@@ -233,11 +236,11 @@ def show(
         rows.append({"model": entry.name, "provider": entry.provider, "aliases": list(entry.aliases),
                      **json.loads(version.model_dump_json(exclude_none=True))})
     if as_json:
-        print(json.dumps(rows, ensure_ascii=False))
+        emit(rows)
         return
-    table_out = Table("model", "input", "cached", "output", "since", title=f"Prices in force ({table.source})")
+    table_out = Table("model", "input", "cached", "output", "since", title=cell(f"Prices in force ({table.source})"))
     for row in rows:
-        table_out.add_row(row["model"], row["input"], row.get("cached_input", "-"), row["output"], row["effective_from"][:10])
+        table_out.add_row(cell(row["model"]), row["input"], row.get("cached_input", "-"), row["output"], row["effective_from"][:10])
     stdout.print(table_out)
 
 
@@ -254,10 +257,10 @@ def export(
         raise _fail(f"--format: only one-api is supported, got {format_!r}")
     table, moment = _table(prices), _when(at)
     data = export_oneapi(table, moment)
-    print(dumps_oneapi(data), end="")
+    print(json_safe(dumps_oneapi(data)), end="")
     # What the gateways cannot express goes to stderr, so stdout stays a clean JSON document.
     for caveat in export_caveats(table, moment):
-        stderr.print(f"note: {caveat}", highlight=False, soft_wrap=True, markup=False)
+        stderr.print(f"note: {printable(caveat)}", highlight=False, soft_wrap=True, markup=False)
     for section, key in lossy_keys(data):
         stderr.print(f"note: {section}[{key!r}] rounded to 12 significant digits", highlight=False, markup=False)
 
@@ -272,12 +275,15 @@ def import_(
     prices: PricesOption = None,
 ) -> None:
     """Turn one-api / new-api options JSON into a price table YAML (sections it lacks come from the table in use)."""
+    from pricing.json_source import JsonLimitError, read_json_file
     from pricing.oneapi import import_oneapi
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_json_file(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise _fail(f"{path}: cannot read: {exc}") from None
+    except JsonLimitError as exc:
+        raise _fail(f"{path}: {exc.msg}") from None
     try:
         yaml_text = import_oneapi(text, effective_from=_when(effective_from, "--effective-from"), template=_table(prices),
                                   source=str(path))
@@ -289,7 +295,7 @@ def import_(
     temporary = out.with_name(out.name + ".tmp")
     temporary.write_text(yaml_text, encoding="utf-8")
     temporary.replace(out)  # never a half-written table
-    stdout.print(f"wrote {out}", highlight=False)
+    stdout.print(f"wrote {escape(printable(out))}", highlight=False)
 
 
 __all__ = ["default_price_table_path", "prices_app", "register"]

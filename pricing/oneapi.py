@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from pricing import json_source
 from pricing.errors import PriceNotFound, PriceTableError, Problem
 from pricing.schema import PriceVersion
 from pricing.table import CompiledVersion, ModelEntry, PriceTable, as_timestamp, parse_price_table
@@ -321,7 +322,7 @@ def _refuse_constant(name: str) -> _NotANumber:
 
 def _parse_json(text: str, source: str, field: str) -> Any:
     try:
-        return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant, object_pairs_hook=_object_pairs)
+        return json_source.loads(text, parse_float=Decimal, parse_constant=_refuse_constant, object_pairs_hook=_object_pairs)
     except json.JSONDecodeError as exc:
         raise PriceTableError(
             [Problem(source, exc.lineno, field, f"invalid JSON: {exc.msg} (column {exc.colno})")]

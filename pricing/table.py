@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from pricing.errors import PriceNotFound, PriceTableError, Problem, UnknownModel
 from pricing.schema import Channel, Grant, LongContextTier, PriceTableFile, PriceVersion, RechargeRate, ReferenceRate
-from pricing.yaml_source import YamlDocument, load_yaml
+from pricing.yaml_source import YamlDocument, YamlLimitError, load_yaml, read_yaml_file
 
 #: Environment variable naming the price table to use instead of the bundled one.
 PRICE_TABLE_ENV = "METERING_PRICE_TABLE"
@@ -148,9 +148,11 @@ def load_price_table(path: str | os.PathLike[str] | None = None) -> PriceTable:
     """Load, validate and compile a price table file (default: ``default_price_table_path()``)."""
     file = Path(path) if path is not None else default_price_table_path()
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_yaml_file(file)
     except (OSError, UnicodeDecodeError) as exc:
         raise PriceTableError([Problem(str(file), None, "(file)", f"cannot read: {exc}")]) from None
+    except YamlLimitError as exc:
+        raise PriceTableError([Problem(str(file), None, "(file)", str(exc.problem))]) from None
     return parse_price_table(text, str(file))
 
 

@@ -234,7 +234,7 @@ def test_the_command_line_lists_them_and_the_audit_counts_them(tmp_path: Path) -
     assert human.exit_code == 0 and human.stdout.splitlines() == [
         "ok", "note: 2 rejected usage payloads in quarantine (metering quarantine list)"]
     nobody = runner.invoke(app, ["quarantine", "list", "--user", "nobody", "--db", url])
-    assert nobody.exit_code == 2 and nobody.stderr.startswith("error: USER: no user 'nobody'")
+    assert nobody.exit_code == 2 and nobody.stderr.startswith("error: --user: no user 'nobody'")
     assert runner.invoke(app, ["quarantine", "list", "--limit", "0", "--db", url]).exit_code == 2
 
 

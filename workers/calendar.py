@@ -7,6 +7,19 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from metering.ledger.inputs import EARLIEST, MAX_AHEAD
+from workers.errors import InvalidArgument
+
+#: The earliest day a command or report may name: the ledger refuses events before it
+#: (metering.ledger.inputs.EARLIEST). Also keeps a day's bounds away from year 1, which has no UTC start.
+EARLIEST_DAY = EARLIEST.date()
+#: How far after today a day may be named: as far ahead as the ledger dates events (the demo books the
+#: coming days ahead of time). Also keeps a day's bounds away from the end of year 9999.
+MAX_DAYS_AHEAD = MAX_AHEAD.days
+#: The longest range (in days, both ends included) a report or export may span: ten years, more than any
+#: bill needs, so a typo such as --from 2000-01-01 cannot ask for every day since the ledger's epoch.
+MAX_RANGE_DAYS = 3_660
+
 #: The business time zone when none is given (the resellers this is built for bill in China time).
 DEFAULT_TIME_ZONE = "Asia/Shanghai"
 #: Environment variable naming the business time zone (the command line's --tz overrides it).
@@ -19,6 +32,30 @@ def parse_day(text: str, field: str = "day") -> date:
         return date.fromisoformat(text)
     except (TypeError, ValueError):
         raise ValueError(f"{field}: expected a day as YYYY-MM-DD, got {text!r}") from None
+
+
+def check_day(day: date, field: str = "day", *, today: date | None = None) -> date:
+    """``day`` if it is a day a command may name (``EARLIEST_DAY`` to ``MAX_DAYS_AHEAD`` after ``today``,
+    default the UTC date), else ``InvalidArgument(field)``: nothing then computes its bounds or overflows."""
+    if not isinstance(day, date) or isinstance(day, datetime):
+        raise InvalidArgument(field, f"expected a date, got {day!r}")
+    latest = (today or datetime.now(timezone.utc).date()) + timedelta(days=MAX_DAYS_AHEAD)
+    if day < EARLIEST_DAY:
+        raise InvalidArgument(field, f"{day} is before {EARLIEST_DAY}: no ledger holds anything that old")
+    if day > latest:
+        raise InvalidArgument(field, f"{day} is more than {MAX_DAYS_AHEAD} days ahead (after {latest})")
+    return day
+
+
+def check_range(start: date, end: date, *, today: date | None = None) -> None:
+    """Refuse a bad range of days with ``InvalidArgument`` naming ``start`` or ``end``: each a day
+    ``check_day`` accepts, in order, at most ``MAX_RANGE_DAYS`` long."""
+    check_day(start, "start", today=today)
+    check_day(end, "end", today=today)
+    if start > end:
+        raise InvalidArgument("start", f"{start} is after the end {end}")
+    if (end - start).days + 1 > MAX_RANGE_DAYS:
+        raise InvalidArgument("start", f"the range {start} to {end} is longer than {MAX_RANGE_DAYS:,} days")
 
 
 @dataclass(frozen=True)

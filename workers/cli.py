@@ -4,13 +4,13 @@ Data flows pricing <- metering <- workers, so ``metering`` cannot register comma
 module takes metering's ``app`` and adds them; the console script is ``workers.cli:app`` and
 ``python -m workers`` runs it (``python -m metering`` still runs metering's own commands).
 
-Bad input (a bad day, --from after --to, an unknown --by field or time zone) prints
-``error: <field>: ...`` on stderr and exits 2 before anything is written.
+Bad input (a bad day, a day out of bounds or before the ledger's first usage, --from after --to, an
+unknown --by field or time zone) prints ``error: <field>: ...`` on stderr and exits 2 before anything is
+written; stored text is printed escaped (``metering.cli_output``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import date, timedelta
@@ -19,23 +19,26 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from metering.cli import app
-from metering.cli_ledger import DbOption, JsonOption, PricesOption
-from workers.calendar import TZ_ENV, BusinessCalendar, parse_day
+from metering.cli_ledger import DbOption, JsonOption, PricesOption, ledger_url, load_prices, open_ledger
+from metering.cli_output import emit, print_error, printable
+from metering.cli_output import fail as fail_with
+from workers.calendar import TZ_ENV, BusinessCalendar, check_day, check_range, parse_day
+from workers.close import check_used_day
+from workers.errors import InvalidArgument
 from workers.export import KINDS
 from workers.progress import row_bar, showing, stage_bars
 from workers.report_options import BY_FIELDS, FORMATS
 
 stdout = Console()
 stderr = Console(stderr=True)
-EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
-#: The export library's argument names -> the command line's.
-EXPORT_FIELDS = {"kind": "kind", "start": "--from", "end": "--to", "out": "--out", "root": "--dir"}
+#: The report's and export's argument names -> the command line's.
+FLAGS = {"kind": "kind", "start": "--from", "end": "--to", "out": "--out", "root": "--dir", "day": "--day",
+         "by": "--by", "prices": "--prices"}
 
 TzOption = Annotated[
     Optional[str],
@@ -49,10 +52,14 @@ ToOption = Annotated[str, typer.Option("--to", help="Last business day (included
 # ---------------------------------------------------------------------- plumbing
 
 
-def fail(field: str, message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print ``error: field: message`` on stderr and exit ``code`` (2: bad input)."""
-    stderr.print(f"[bold red]error:[/] {escape(field)}: {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+def fail(field: str, message: str) -> NoReturn:
+    """Print ``error: field: message`` on stderr (escaped) and exit 2 (bad input)."""
+    fail_with(f"{field}: {message}")
+
+
+def refuse(exc: InvalidArgument) -> NoReturn:
+    """Exit 2 for a library's ``InvalidArgument``, naming the command line's flag for its field."""
+    fail(FLAGS.get(exc.field, exc.field), exc.message)
 
 
 def _calendar(tz: str | None) -> BusinessCalendar:
@@ -63,44 +70,28 @@ def _calendar(tz: str | None) -> BusinessCalendar:
 
 
 def _day(text: str, field: str) -> date:
+    """A day a command may name (``workers.calendar.check_day``: from 2000 to a year ahead)."""
     try:
-        return parse_day(text, field)
+        return check_day(parse_day(text, field), field)
+    except InvalidArgument as exc:
+        fail(field, exc.message)
     except ValueError as exc:
         fail(field, str(exc).removeprefix(f"{field}: "))
 
 
 def _range(start: str, end: str) -> tuple[date, date]:
+    """The days --from to --to (``workers.calendar.check_range``: in order, at most ten years)."""
     first, last = _day(start, "--from"), _day(end, "--to")
-    if first > last:
-        fail("--from", f"{first} is after --to {last}")
+    try:
+        check_range(first, last)
+    except InvalidArgument as exc:
+        refuse(exc)
     return first, last
 
 
-def _prices(path: Path | None) -> Any:
-    from pricing.errors import BillingError
-    from pricing.table import load_price_table
-
-    try:
-        return load_price_table(path)
-    except (BillingError, OSError) as exc:
-        fail("--prices", str(exc))
-
-
-def _open_meter(db: str | None, prices: Path | None = None) -> Any:
-    """The ledger (schema brought to head); an unreachable or broken database exits 2 naming --db."""
-    from metering.cli_ledger import _handled, _message
-    from metering.ledger import Meter
-    from metering.ledger.database import database_url
-
-    table = _prices(prices)
-    try:
-        return Meter.open(database_url(db), prices=table)
-    except _handled() as exc:
-        fail("--db", _message(exc))
-
-
-def _emit(payload: Any) -> None:
-    print(json.dumps(payload, ensure_ascii=False, default=str))
+def open_meter(db: str | None, prices: Path | None = None) -> Any:
+    """The ledger (schema brought to head); a bad price table exits 2 naming --prices, a database --db."""
+    return open_ledger(db, load_prices(prices))
 
 
 def _wide() -> Console:
@@ -137,7 +128,7 @@ def worker(
         fail("--out", f"{out} is not a directory")
     calendar = _calendar(tz)
     _setup_logging(quiet)
-    meter = _open_meter(db, prices)
+    meter = open_meter(db, prices)
     try:
         jobs = Worker(meter, calendar, out=out, apply=apply)
         if not once:
@@ -148,7 +139,7 @@ def worker(
     finally:
         meter.close()
     if as_json:
-        _emit(report)
+        emit(report)
     elif not quiet:
         closed = ", ".join(f"{c['day']} {c['status']}" for c in report["closes"]) or "none due"
         print(f"folded {report['folded']}, expired {report['expired']}, closes: {closed}, "
@@ -163,7 +154,8 @@ def worker(
 @app.command()
 def reconcile(
     day: Annotated[
-        Optional[str], typer.Option("--day", help="Business day YYYY-MM-DD (default: yesterday).", show_default=False)
+        Optional[str], typer.Option("--day", help="Business day YYYY-MM-DD (default: yesterday); from the ledger's "
+                                    "first usage to yesterday.", show_default=False)
     ] = None,
     apply: Annotated[bool, typer.Option("--apply", help="Post adjustment entries for price discrepancies (once).")] = False,
     db: DbOption = None,
@@ -172,7 +164,8 @@ def reconcile(
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Close one business day: re-price, audit tokens and invariants, roll up; report (or --apply) differences."""
+    """Close a business day (and the open days before it, in order; never a day after it): re-price, audit
+    tokens and invariants, roll up; report (or --apply) differences. A closed day shows its stored result."""
     calendar = _calendar(tz)
     today = calendar.today()
     target = _day(day, "--day") if day is not None else today - timedelta(days=1)
@@ -180,19 +173,21 @@ def reconcile(
         fail("--day", f"{target} is not over yet in {calendar.time_zone} (today is {today})")
     from workers.close import reconcile as reconcile_day
 
-    meter = _open_meter(db, prices)
+    meter = open_meter(db, prices)
     try:
         with stage_bars(stderr, showing(stdout, quiet or as_json)) as progress:
             result = reconcile_day(meter, target, calendar=calendar, apply=apply, progress=progress)
+    except InvalidArgument as exc:  # a day before the ledger's first usage: nothing was written
+        refuse(exc)
     finally:
         meter.close()
     payload = result.to_dict()
     if as_json:
-        _emit(payload)
+        emit(payload)
     else:
         _print_close(payload)
     if result.status not in ("closed", "already_closed"):  # incomplete, busy or blocked: nothing written
-        stderr.print(f"error: {target}: {result.status}: {result.detail}", highlight=False, markup=False, soft_wrap=True)
+        print_error(f"{target}: {result.status}: {result.detail}")
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -227,7 +222,6 @@ def report(
 ) -> None:
     """Summaries of the closed days: daily totals, invoices, per-model usage, discrepancies, margin (HTML with charts)."""
     first, last = _range(start, end)
-    from workers.errors import InvalidArgument
     from workers.report import build_report, check_by, render
 
     try:
@@ -241,11 +235,12 @@ def report(
     if out is not None and not out.parent.is_dir():
         fail("--out", f"the directory {out.parent} does not exist")
     calendar = _calendar(tz)
-    meter = _open_meter(db, prices)
+    meter = open_meter(db, prices)
     try:
+        check_used_day(meter.engine, calendar, first, "start", empty_ok=True)  # --from before the first usage
         rendered = render(build_report(meter.engine, meter.prices, first, last, by=fields, calendar=calendar), fmt)
     except InvalidArgument as exc:
-        fail(f"--{exc.field}", exc.message)
+        refuse(exc)
     finally:
         meter.close()
     if out is not None:
@@ -290,24 +285,26 @@ def export(
     if out.is_dir():
         fail("--out", f"{out} is a directory: give the CSV file's path")
     calendar = _calendar(tz)
-    from workers.errors import InvalidArgument
     from workers.export import check_request, export as write_export
 
     try:
         check_request(kind, first, last, out, root)
     except InvalidArgument as exc:
-        fail(EXPORT_FIELDS.get(exc.field, exc.field), exc.message)
-    meter = _open_meter(db)
+        refuse(exc)
+    meter = open_meter(db)
     try:
+        check_used_day(meter.engine, calendar, first, "start", empty_ok=True)  # --from before the first usage
         with row_bar(stderr, showing(stdout, quiet or as_json), f"{kind} rows") as progress:
             manifest = write_export(meter.engine, kind, first, last, out, calendar=calendar, excel=excel,
                                     progress=progress, jobs=jobs or None, root=root)
+    except InvalidArgument as exc:
+        refuse(exc)
     finally:
         meter.close()
     if as_json:
-        _emit(manifest)
+        emit(manifest)
     elif not quiet:
-        print(f"wrote {out}: {manifest.get('rows')} rows, sha256 {manifest.get('sha256')}")
+        print(f"wrote {printable(out)}: {manifest.get('rows')} rows, sha256 {manifest.get('sha256')}")
 
 
 # ---------------------------------------------------------------------- demo
@@ -329,13 +326,15 @@ def demo(
 
     if out.exists() and not out.is_dir():
         fail("--out", f"{out} is not a directory")
+    if db is not None:
+        ledger_url(db)  # a SQLite file in a missing directory is refused before anything is made
     try:
         with stage_bars(stderr, showing(stdout, quiet or as_json)) as progress:
             results = run_demo(days=days, out=out, db=db, progress=progress)
     except DemoError as exc:
         fail(exc.field, str(exc))
     if as_json:
-        _emit(results)
+        emit(results)
     else:
         print_demo(_wide(), results)
     if not (results["ledger"]["audit_ok"] and results["summary"]["audit_ok"]):
@@ -370,7 +369,7 @@ def gateway_serve(
         settings = load_config(config)
     except ConfigError as exc:
         fail("--config", str(exc))
-    meter = _open_meter(db, prices)
+    meter = open_meter(db, prices)
     try:
         uvicorn.run(create_app(meter, settings), host=host, port=port, log_level="info")
     finally:

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from metering.cli_ledger import DbOption, JsonOption, PricesOption
-from workers.cli import QuietOption, _emit, _prices, fail, stderr, stdout
+from metering.cli_ledger import DbOption, JsonOption, PricesOption, error_message, handled_errors, ledger_url, load_prices
+from metering.cli_output import emit, printable
+from workers.cli import QuietOption, fail, open_meter, stderr, stdout
 from workers.progress import showing, stage_bars
 
 import_app = typer.Typer(help="Import another gateway's users, keys and usage into the ledger.", no_args_is_help=True)
@@ -58,67 +59,56 @@ def one_api(
                                         sync_balances=balance_sync, batch=batch, progress=progress)
         except (ImportConflict, SourceError) as exc:
             fail(exc.field, exc.message)
-        except _handled() as exc:
-            from metering.cli_ledger import _message
-
-            fail(getattr(exc, "field", None) or "import", _message(exc))
+        except handled_errors() as exc:
+            fail(getattr(exc, "field", None) or "import", error_message(exc))
         finally:
             meter.close()
     finally:
         reader.close()
     if as_json:
-        _emit(summary)
+        emit(summary)
     elif not quiet:
         _print(summary)
 
 
-def _handled() -> tuple[type[Exception], ...]:
-    from metering.cli_ledger import _handled as ledger_errors
-
-    return ledger_errors()
-
-
 def _ledger(db: str | None, prices: Path | None, dry_run: bool) -> Any:
     """The ledger; a dry run neither creates nor migrates it (a new or older ledger is read as empty)."""
-    from workers.cli import _open_meter
-
     if not dry_run:
-        return _open_meter(db, prices)
+        return open_meter(db, prices)
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
     from metering.ledger import Meter
-    from metering.ledger.database import database_url, make_engine
+    from metering.ledger.database import make_engine
 
-    url = database_url(db)
+    url = ledger_url(db)
+    table = load_prices(prices)
     try:
         parsed = make_url(url)
         database = parsed.database if parsed.get_backend_name() == "sqlite" else None
         if parsed.get_backend_name() == "sqlite" and not (database and Path(database).is_file()):
-            return Meter(create_engine("sqlite://"), _prices(prices))  # no ledger yet: nothing to read, nothing made
-        return Meter(make_engine(url), _prices(prices))
-    except _handled() as exc:
-        from metering.cli_ledger import _message
-
-        fail("--db", _message(exc))
+            return Meter(create_engine("sqlite://"), table)  # no ledger yet: nothing to read, nothing made
+        return Meter(make_engine(url), table)
+    except handled_errors() as exc:
+        fail("--db", error_message(exc))
 
 
 def _print(summary: dict[str, Any]) -> None:
     """The summary as lines an operator reads."""
     users, keys, logs, quota, balances = (summary[k] for k in ("users", "keys", "logs", "quota", "balances"))
-    print(f"{'dry run: ' if summary['dry_run'] else ''}{summary['flavor']} database imported as {summary['source']!r}")
+    print(printable(f"{'dry run: ' if summary['dry_run'] else ''}{summary['flavor']} database imported as {summary['source']!r}"))
     print(f"users: {users['read']} read, {users['created']} created, {users['existing']} already imported, "
           f"{users['group_defaulted']} put in group default, {users['renamed']} renamed")
     print(f"keys: {keys['read']} read, {keys['created']} created ({keys['revoked']} revoked), {keys['existing']} already "
           f"imported, {keys['skipped_invalid'] + keys['skipped_orphan']} skipped, {keys['fallback_created']} import keys")
-    by_type = ", ".join(f"{kind} {count}" for kind, count in sorted(summary["by_type"].items())) or "none"
+    by_type = printable(", ".join(f"{kind} {count}" for kind, count in sorted(summary["by_type"].items())) or "none")
     print(f"logs: {logs['read']} read ({by_type}); consume: {logs['imported']} imported, {logs['quarantined']} "
           f"quarantined, {logs['already_imported']} already imported")
     for reason, count in sorted(summary["quarantine_reasons"].items()):
-        print(f"  quarantined: {reason}: {count}")
+        print(f"  quarantined: {printable(reason)}: {count}")  # reasons quote model names from the logs
     print(f"quota: ours {quota['ours']}, one-api's {quota['one_api']}: {quota['differing_logs']} logs differ, "
           f"difference {quota['difference']:+d}")
     print(f"balances: {balances['adjusted']} adjusted, {balances['to_adjust']} to adjust "
           f"(total {balances['adjustment_total']:+d}); folded {summary['folded']} events")
     for warning in summary["warnings"]:
-        stderr.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)
+        stderr.print(f"warning: {printable(warning)}", highlight=False, markup=False, soft_wrap=True)

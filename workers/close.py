@@ -27,6 +27,7 @@ from metering.ledger.database import READ_ONLY
 from metering.ledger.meter import Meter
 from metering.ledger.tables import DailyRollup, DayClose, Discrepancy, Hold, UsageEvent
 from workers.calendar import BusinessCalendar, days_between
+from workers.errors import InvalidArgument
 from workers.invariants import LedgerCheck
 from workers.lease import DEFAULT_LEASE, Claim, LeaseLost, claim, default_owner, ensure_day, finish, release, renew
 from workers.revenue import paid_rates
@@ -80,32 +81,58 @@ def _naive_utc(moment: datetime | None) -> datetime:
 # ---------------------------------------------------------------------- which days
 
 
-def days_to_close(meter: Meter, *, calendar: BusinessCalendar, now: datetime | None = None) -> list[date]:
-    """Every complete day from the first with activity that is not closed yet, oldest first."""
-    current = _naive_utc(now)
-    with _reader(meter.engine) as connection:
+def first_day(engine: Engine, calendar: BusinessCalendar) -> date | None:
+    """The business day of the ledger's first usage (its earliest usage event or hold); None before any.
+
+    Closes, reports and exports are about usage: no day before this one has anything to close, report or
+    export (top-ups and grants alone are not closed). Both times are indexed.
+    """
+    with _reader(engine) as connection:
         first_event = connection.execute(select(func.min(EVENTS.c.occurred_at))).scalar()
         first_hold = connection.execute(select(func.min(HOLDS.c.created_at))).scalar()
-        closed = set(connection.execute(select(DAYS.c.day).where(DAYS.c.status == "closed")).scalars())
-        first_recorded = connection.execute(select(func.min(DAYS.c.day))).scalar()
-    starts = [calendar.day_of(moment) for moment in (first_event, first_hold) if moment is not None]
-    if first_recorded is not None:  # a day closed (or started) before the first activity: close from it on
-        starts.append(date.fromisoformat(first_recorded))
-    if not starts:
+    days = [calendar.day_of(moment) for moment in (first_event, first_hold) if moment is not None]
+    return min(days) if days else None
+
+
+def check_used_day(engine: Engine, calendar: BusinessCalendar, day: date, field: str, *, empty_ok: bool) -> None:
+    """Refuse ``day`` with ``InvalidArgument(field)`` if it is before the ledger's first usage.
+
+    ``empty_ok``: a ledger without usage accepts any day (a report or export of it is empty); else it is
+    refused too (there is nothing to close).
+    """
+    first = first_day(engine, calendar)
+    if first is None and not empty_ok:
+        raise InvalidArgument(field, "the ledger has no usage yet: there is nothing to close")
+    if first is not None and day < first:
+        raise InvalidArgument(field, f"{day} is before the ledger's first usage, on {first}")
+
+
+def days_to_close(
+    meter: Meter, *, calendar: BusinessCalendar, now: datetime | None = None, until: date | None = None,
+) -> list[date]:
+    """Every complete day from the ledger's first usage (to ``until``) that is not closed yet, oldest first."""
+    first = first_day(meter.engine, calendar)
+    if first is None:
         return []
-    last = calendar.day_of(current - meter.hold_ttl) - timedelta(days=1)  # the day before ends by now - TTL
-    first = min(starts)
-    return [day for day in days_between(first, last) if day.isoformat() not in closed] if first <= last else []
+    last = calendar.day_of(_naive_utc(now) - meter.hold_ttl) - timedelta(days=1)  # the day before ends by now - TTL
+    if until is not None:
+        last = min(last, until)
+    if first > last:
+        return []
+    with _reader(meter.engine) as connection:
+        closed = set(connection.execute(select(DAYS.c.day).where(DAYS.c.status == "closed", DAYS.c.day >= first.isoformat(),
+                                                               DAYS.c.day <= last.isoformat())).scalars())
+    return [day for day in days_between(first, last) if day.isoformat() not in closed]
 
 
 def close_due_days(
     meter: Meter, *, calendar: BusinessCalendar, now: datetime | None = None, owner: str | None = None,
     apply: bool = False, progress: Progress | None = None, stop: threading.Event | None = None,
-    lease: timedelta = DEFAULT_LEASE,
+    lease: timedelta = DEFAULT_LEASE, until: date | None = None,
 ) -> list[CloseResult]:
-    """Close every complete day that is not closed, oldest first; stops at the first day it cannot close."""
+    """Close every complete day (up to ``until``) that is not closed, oldest first; stops at the first it cannot close."""
     results = []
-    for day in days_to_close(meter, calendar=calendar, now=now):
+    for day in days_to_close(meter, calendar=calendar, now=now, until=until):
         result = close_day(meter, day, calendar=calendar, owner=owner, apply=apply, now=now, progress=progress,
                            stop=stop, lease=lease)
         results.append(result)
@@ -118,13 +145,19 @@ def reconcile(
     meter: Meter, day: date, *, calendar: BusinessCalendar, apply: bool = False, now: datetime | None = None,
     progress: Progress | None = None,
 ) -> CloseResult:
-    """``metering reconcile``: close ``day`` (and the open days before it) if needed; ``apply`` posts adjustments."""
+    """``metering reconcile``: close ``day`` and the open days before it (never a day after it); ``apply``
+    posts the re-pricing adjustments of ``day``.
+
+    A day before the ledger's first usage (``first_day``), or any day of a ledger without usage, is refused
+    with ``InvalidArgument`` (field ``day``): there is nothing to close.
+    """
+    check_used_day(meter.engine, calendar, day, "day", empty_ok=False)
     recorded = _recorded(meter.engine, day)
     if recorded is None:
-        for result in close_due_days(meter, calendar=calendar, now=now, apply=apply, progress=progress):
-            if result.day == day or result.status not in ("closed", "already_closed"):
-                if result.day == day:
-                    return result
+        for result in close_due_days(meter, calendar=calendar, now=now, apply=apply, progress=progress, until=day):
+            if result.day == day:
+                return result
+            if result.status not in ("closed", "already_closed"):
                 return CloseResult(day, "blocked", detail=f"{result.day} could not be closed first: {result.status}")
         recorded = _recorded(meter.engine, day)
         if recorded is None:
@@ -147,14 +180,14 @@ def close_day(
 ) -> CloseResult:
     """Close ``day`` exactly once (see the module docstring); ``now`` decides completeness, ``clock`` leases."""
     engine, current = meter.engine, _naive_utc(now)
-    start, end = calendar.bounds(day)
+    end = calendar.bounds(day)[1]
     if end + meter.hold_ttl > current:
         return CloseResult(day, "incomplete", detail=_incomplete(end, meter))
     ensure_day(engine, day, calendar)
     recorded = _recorded(engine, day)
     if recorded is not None:
         return recorded
-    previous, blocker = _previous_close(engine, day, start)
+    previous, blocker = _previous_close(engine, day, calendar)
     if blocker:
         return CloseResult(day, "blocked", detail=blocker)
     held = claim(engine, day, owner or default_owner(), clock(), lease)
@@ -235,23 +268,28 @@ def _incomplete(end: datetime, meter: Meter) -> str:
     return f"the day is complete at {(end + meter.hold_ttl).isoformat()}Z (its end plus the hold TTL)"
 
 
-def _previous_close(engine: Engine, day: date, start: datetime) -> tuple[int | None, str | None]:
-    """The previous close's watermark, or why this day must wait (an earlier day with activity is open)."""
+def _previous_close(engine: Engine, day: date, calendar: BusinessCalendar) -> tuple[int | None, str | None]:
+    """The previous close's watermark, or why ``day`` must wait (the day before it is not closed).
+
+    Days close in order from the ledger's first usage: each day after the first needs the day before it
+    closed. The first day (or a day before it: an operator may close an empty day) needs nothing before it;
+    it takes the watermark of the latest close before it, if any, so a close recorded before the ledger's
+    first usage never blocks the days after it.
+    """
     with _reader(engine) as connection:
-        before = connection.execute(
-            select(DAYS.c.day, DAYS.c.status, DAYS.c.watermark_event_id).where(DAYS.c.day < day.isoformat())
+        previous = connection.execute(
+            select(DAYS.c.day, DAYS.c.watermark_event_id).where(DAYS.c.day < day.isoformat(), DAYS.c.status == "closed")
             .order_by(DAYS.c.day.desc()).limit(1)
         ).first()
-        if before is None:
-            earlier = connection.execute(select(func.min(EVENTS.c.occurred_at)).where(EVENTS.c.occurred_at < start)).scalar()
-            earlier = earlier or connection.execute(select(func.min(HOLDS.c.created_at)).where(HOLDS.c.created_at < start)).scalar()
-            return None, (f"there is activity before {day} and no day before it is closed" if earlier else None)
-    name, status, watermark = before
-    if status != "closed":
-        return None, f"{name} is not closed yet"
-    if name != (day - timedelta(days=1)).isoformat():
-        return None, f"the days between {name} and {day} are not closed yet"
-    return int(watermark), None
+    watermark = None if previous is None else int(previous.watermark_event_id)
+    first = first_day(engine, calendar)
+    if first is None or day <= first:
+        return watermark, None
+    wanted = day - timedelta(days=1)
+    if previous is None or previous.day != wanted.isoformat():
+        after = first if previous is None else max(first, date.fromisoformat(previous.day) + timedelta(days=1))
+        return None, f"{after} is not closed yet" + ("" if after == wanted else f" (nor the days to {wanted})")
+    return watermark, None
 
 
 def _watermark(engine: Engine) -> int:
@@ -334,5 +372,5 @@ def _result(day: date, fence: int, summary: dict[str, Any]) -> CloseResult:
 
 __all__ = [
     "CloseResult", "Interrupted", "LeaseLost", "adjustment_reference", "close_day", "close_due_days", "days_to_close",
-    "post_adjustments", "reconcile",
+    "check_used_day", "first_day", "post_adjustments", "reconcile",
 ]

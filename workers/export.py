@@ -18,7 +18,7 @@ import gc
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 from metering.ledger.database import READ_ONLY
 from workers.atomic_file import AtomicFile, write_atomically
-from workers.calendar import BusinessCalendar
+from workers.calendar import BusinessCalendar, check_range
 from workers.containment import contained
 from workers.csv_writer import UTF8_BOM, CsvChunkWriter
 from workers.errors import InvalidArgument
@@ -55,11 +55,7 @@ def check_request(kind: str, start: date, end: date, out: Path | None = None, ro
     """
     if kind not in KINDS:
         raise InvalidArgument("kind", f"unknown export {kind!r} (choose from {', '.join(KINDS)})")
-    for field, value in (("start", start), ("end", end)):
-        if not isinstance(value, date) or isinstance(value, datetime):
-            raise InvalidArgument(field, f"expected a date, got {value!r}")
-    if start > end:
-        raise InvalidArgument("start", f"{start} is after the end {end}")
+    check_range(start, end)
     if out is None:
         return
     out = Path(out)

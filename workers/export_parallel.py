@@ -17,12 +17,23 @@ moment its slice is read; the only content that changes after an event is writte
 
 Workers are started with ``spawn`` (a fresh interpreter), never ``fork``: the worker process that runs
 nightly exports has scheduler threads, and a forked child of a threaded process can inherit a held lock.
+
+Workers die with the exporting process, even when it is killed with ``kill -9`` (which runs no cleanup):
+on Linux each asks the kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and
+everywhere a watchdog thread exits the worker once its parent is gone (it is then re-parented, so
+``os.getppid()`` changes), at most ``PARENT_CHECK_SECONDS`` later. No orphan keeps reading the ledger.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -45,6 +56,11 @@ PARALLEL_MIN_ROWS = 200_000
 SLICE_IDS = 20_000
 #: Rows per fetch inside a slice.
 FETCH_ROWS = 10_000
+#: How often a worker checks that the exporting process still exists (the fallback where no parent-death
+#: signal can be asked for): an orphan outlives its parent by at most this long.
+PARENT_CHECK_SECONDS = 0.2
+#: prctl(2) option: the signal the kernel sends this process when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 
 
 class Slices(NamedTuple):
@@ -90,7 +106,7 @@ def formatted(engine: Engine, plan_args: tuple[date, date, str], ranges: Slices,
     url = engine.url.render_as_string(hide_password=False)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(url, *plan_args)) as pool:
+                             initargs=(os.getpid(), url, *plan_args)) as pool:
         pending: deque[Future[Formatted]] = deque()
         try:
             for lo, hi in ranges.bounds:
@@ -117,11 +133,31 @@ def merge_totals(totals: Totals, part: Formatted) -> None:
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(url: str, first: date, last: date, time_zone: str) -> None:
+def _start_worker(parent: int, url: str, first: date, last: date, time_zone: str) -> None:
     from metering.ledger.database import make_engine
 
+    die_with_parent(parent)
     _worker["engine"] = make_engine(url)
     _worker["plan_args"] = (first, last, BusinessCalendar(time_zone))
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` (the process that started it) dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no libc to ask: the watchdog below still ends the orphan
+    if os.getppid() != parent:  # the parent died before the signal was asked for: nothing would send it
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="export-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)  # orphaned: no one will read what this worker formats
 
 
 def _format_slice(lo: int, hi: int) -> Formatted:

@@ -17,7 +17,6 @@ batches by id (keyset pagination), so memory stays constant whatever the table's
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from urllib.parse import quote
 from sqlalchemy import Engine, MetaData, Table, create_engine, event, func, inspect, select
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+from pricing import json_source
 
 #: one-api's log types (model/log.go); new-api adds error (5) and refund (6).
 LOG_TYPES = {0: "unknown", 1: "topup", 2: "consume", 3: "manage", 4: "system", 5: "error", 6: "refund"}
@@ -317,19 +318,19 @@ class OneApiSource:
                     token_id=int(r["token_id"]) if "token_id" in has and r["token_id"] else None,
                     token_name=str(r["token_name"]) if "token_name" in has and r["token_name"] is not None else None,
                     channel_id=int(r[channel]) if channel and r[channel] else None,
-                    cache_tokens=_cache_tokens(r["other"]) if "other" in has else None,
+                    cache_tokens=cache_tokens_of(r["other"]) if "other" in has else None,
                 )
                 for r in rows
             ]
             after = int(rows[-1]["id"])
 
 
-def _cache_tokens(other: Any) -> Any:
+def cache_tokens_of(other: Any) -> Any:
     """``cache_tokens`` of new-api's ``other`` JSON (None when absent, 0, or the text is not a JSON object)."""
     if not other:
         return None
     try:
-        parsed = json.loads(other)
+        parsed = json_source.loads(other)  # a column of another system's database: bounded like a file
     except (TypeError, ValueError):
         return None  # other is free-form for some log kinds; no cache figure is then claimed
     value = parsed.get("cache_tokens") if isinstance(parsed, dict) else None
@@ -348,5 +349,5 @@ def _first_line(exc: BaseException) -> str:
 
 __all__ = [
     "CONSUME", "LOG_TYPES", "OneApiSource", "SourceError", "SourceLog", "SourceToken", "SourceUser",
-    "check_source_name", "default_source_name", "source_url",
+    "cache_tokens_of", "check_source_name", "default_source_name", "source_url",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date
 from decimal import Decimal
 from typing import Any
 
@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 
 from pricing.table import PriceTable
 from workers.report_options import BY_FIELDS, FORMATS
-from workers.calendar import BusinessCalendar, days_between
+from workers.calendar import BusinessCalendar, check_range, days_between
 from workers.decimals import EXACT, ZERO, exact_sum
 from workers.errors import InvalidArgument
 from workers.report_frames import (
@@ -63,15 +63,6 @@ class Report:
     open_days: list[str]  # days of the range not closed yet (their figures are missing or partial)
     unpriced_channels: list[str]  # channels in the range whose cost is not configured ("" = none named)
     rollups: pd.DataFrame = field(repr=False)  # the roll-up rows read (for the charts)
-
-
-def check_range(start: date, end: date) -> None:
-    """Refuse a bad range with ``InvalidArgument`` naming the field."""
-    for name, value in (("start", start), ("end", end)):
-        if not isinstance(value, date) or isinstance(value, datetime):
-            raise InvalidArgument(name, f"expected a date, got {value!r}")
-    if start > end:
-        raise InvalidArgument("start", f"{start} is after the end {end}")
 
 
 def check_by(by: Sequence[str]) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 Money is written as exact decimal text everywhere (CNY amounts keep their two decimals); JSON keeps
 integers as numbers and money as strings. Names are data, never markup: rich cells are ``Text``
-objects (a ``[bold]`` in a name is printed as is), HTML cells are escaped, CSV text cells are
+objects (a ``[bold]`` in a name is printed as is) with terminal controls escaped (``\x1b``, as every
+command prints stored text: ``metering.cli_output``), HTML cells are escaped, CSV text cells are
 neutralized against formula injection. Nothing depends on the wall clock: the same report renders to
 the same bytes.
 """
@@ -23,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from metering.cli_output import cell
 from workers import charts
 from workers.csv_safety import neutralize
 from workers.decimals import decimal_text, money_text
@@ -96,14 +98,14 @@ def render_table(report: Report) -> str:
     totals.add_column("total")
     totals.add_column("value", justify="right")
     for name, value in _totals_rows(report):
-        totals.add_row(Text(name), Text(value))
+        totals.add_row(cell(name), cell(value))
     console.print(totals)
     for _, title, frame in _sections(report):
         table = Table(title=title, title_justify="left")
         for column in frame.columns:
             table.add_column(str(column), justify="left" if column in TEXT_COLUMNS or column == "day" else "right")
         for row in frame.itertuples(index=False, name=None):
-            table.add_row(*(Text(cell_text(c, v)) for c, v in zip(frame.columns, row)))
+            table.add_row(*(cell(cell_text(c, v)) for c, v in zip(frame.columns, row)))
         if frame.empty:
             console.print(Text(f"{title}: none"))
         else:

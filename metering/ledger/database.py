@@ -137,6 +137,23 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def missing_directory(url: str) -> Path | None:
+    """The directory a SQLite URL's file would be in, when it does not exist; None otherwise.
+
+    ``make_engine`` creates that directory (a library caller asked for the file); the command line refuses
+    such a URL instead, so a mistyped ``--db`` creates nothing. The path is the one pysqlite would open
+    (no ``~`` expansion); a ``file:`` URI is left to SQLite, which creates no directory.
+    """
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if str(parsed.query.get("uri", "")).lower() in ("true", "1"):
+        return None
+    directory = Path(os.path.abspath(database)).parent
+    return None if directory.is_dir() else directory
+
+
 def database_url(explicit: str | None = None) -> str:
     """``explicit``, else ``$METERING_DB``, else ``sqlite:///metering.db``."""
     return explicit or os.environ.get(DB_ENV) or DEFAULT_DB_URL

@@ -26,6 +26,12 @@ EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
 #: How far ahead of now an event may be dated. Generous on purpose: the demo books the coming days'
 #: simulated traffic ahead of time; a year is still far from the overflow of a 9999-12-31 date.
 MAX_AHEAD = timedelta(days=366)
+#: The longest user or key name: the columns are VARCHAR(190) (PostgreSQL and MariaDB refuse more, SQLite not).
+NAME_MAX_CHARS = 190
+#: The largest row id (users, keys, ...): the id columns are INTEGER, 32-bit on PostgreSQL (SERIAL) and
+#: MariaDB (INT), so no row has a larger one; handed to a driver, a larger number is an error ("integer out
+#: of range" on PostgreSQL, an overflow past 64 bits on SQLite), not "no such row".
+MAX_ROW_ID = 2**31 - 1
 #: Body fields that bound the output, in the order they are read (the newer name first).
 MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
 
@@ -59,6 +65,28 @@ def text(value: Any, field: str, max_chars: int = 10_000) -> str:
         if char == "\0" or unicodedata.category(char) == "Cs":
             raise InvalidField(field, f"U+{ord(char):04X} at position {position} cannot be stored (NUL or a lone surrogate)")
     return value
+
+
+def row_id(value: Any, field: str) -> int:
+    """A user's, key's or other row's id (an integer, or its ASCII digits) from 1 to ``MAX_ROW_ID``; else
+    ``InvalidField``. Digits are measured before they are converted: 5,000 of them are refused, not parsed."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value.lstrip("0")) > len(str(MAX_ROW_ID)):
+            raise InvalidField(field, f"must be an id from 1 to {MAX_ROW_ID}")
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidField(field, f"must be an integer id, got {type(value).__name__}")
+    if not 1 <= value <= MAX_ROW_ID:
+        raise InvalidField(field, f"must be an id from 1 to {MAX_ROW_ID}")
+    return value
+
+
+def user_ref(value: Any, field: str) -> int | str:
+    """A user given by id (an int, or ASCII digits: a user name is never only digits) or by name: the id
+    (``row_id``) or the name (text a name column can hold); else ``InvalidField``."""
+    if isinstance(value, int) or (isinstance(value, str) and value.isascii() and value.isdigit()):
+        return row_id(value, field)
+    return text(value, field, NAME_MAX_CHARS)
 
 
 def event_time(at: Any, field: str = "at", *, now: datetime | None = None) -> datetime:
@@ -122,6 +150,6 @@ def max_output_tokens(body: dict[str, Any]) -> int | None:
 
 
 __all__ = [
-    "CHANNEL_MAX_CHARS", "EARLIEST", "IDENTIFIER_MAX_CHARS", "MAX_AHEAD", "event_time", "identifier",
-    "max_output_tokens", "naive_utc", "request_body", "text",
+    "CHANNEL_MAX_CHARS", "EARLIEST", "IDENTIFIER_MAX_CHARS", "MAX_AHEAD", "MAX_ROW_ID", "NAME_MAX_CHARS", "event_time",
+    "identifier", "max_output_tokens", "naive_utc", "request_body", "row_id", "text", "user_ref",
 ]

@@ -116,8 +116,8 @@ def secret_hash(secret: str) -> str:
 
 #: Compared against when no row was found, so a miss does the same work as a hit (no stored hash is this).
 _NO_SUCH_HASH = "0" * 64
-#: The longest user or key name: the columns are VARCHAR(190) (PostgreSQL and MariaDB refuse more, SQLite not).
-NAME_MAX_CHARS = 190
+#: The longest user or key name (the columns' VARCHAR(190)).
+NAME_MAX_CHARS = inputs.NAME_MAX_CHARS
 
 
 def _presented_hash(secret: object) -> str:
@@ -387,18 +387,18 @@ class Meter:
             raise DuplicateReference(f"user {name!r} already exists") from None
 
     def user(self, user_id: int) -> dict[str, Any]:
-        """A user's id, name, group and balance."""
+        """A user's id, name, group and balance; ``InvalidField`` for what cannot be an id, ``NotFound``."""
+        inputs.row_id(user_id, "user_id")  # a 100-bit id is no user, not a driver's overflow error
         row = self._read(lambda db: db.execute(select(USERS).where(USERS.c.id == user_id)).mappings().first())
         if row is None:
             raise NotFound(f"no user {user_id}")
         return {"id": row["id"], "name": row["name"], "group": row["price_group"], "balance": row["balance"]}
 
     def find_user(self, name_or_id: str | int) -> int:
-        """The id of a user given by id or name."""
-        if isinstance(name_or_id, int) or str(name_or_id).isdigit():
-            query = select(USERS.c.id).where(USERS.c.id == int(name_or_id))
-        else:
-            query = select(USERS.c.id).where(USERS.c.name == name_or_id)
+        """The id of a user given by id (an int or ASCII digits) or name; ``InvalidField`` for what can be
+        neither (an id beyond 64 bits, a name no database stores), ``NotFound`` for no such user."""
+        ref = inputs.user_ref(name_or_id, "user")
+        query = select(USERS.c.id).where(USERS.c.id == ref if isinstance(ref, int) else USERS.c.name == ref)
         row = self._read(lambda db: db.execute(query).first())
         if row is None:
             raise NotFound(f"no user {name_or_id!r}")
@@ -440,7 +440,7 @@ class Meter:
         # Every column but the hash: a row read through SQLAlchemy is echoed by its DEBUG log.
         query = select(*(c for c in KEYS.c if c.name != "secret_hash")).order_by(KEYS.c.id)
         if user_id is not None:
-            query = query.where(KEYS.c.user_id == user_id)
+            query = query.where(KEYS.c.user_id == inputs.row_id(user_id, "user_id"))
         rows = self._read(lambda db: db.execute(query).mappings().all())
         return [
             {
@@ -487,8 +487,9 @@ class Meter:
         return KeyCheck(key["user_id"], key["id"], key["price_group"], _available(key))
 
     def revoke_key(self, key_id: int) -> bool:
-        """Disable a key for good; False when it was already revoked."""
-        revoke = update(KEYS).where(KEYS.c.id == key_id, KEYS.c.status == "enabled").values(status="revoked")
+        """Disable a key for good; False when it was already revoked (or there is no such key)."""
+        key = inputs.row_id(key_id, "key_id")
+        revoke = update(KEYS).where(KEYS.c.id == key, KEYS.c.status == "enabled").values(status="revoked")
         return self._retrying(lambda db: db.execute(revoke).rowcount == 1)
 
     def _key(self, db: Db, secret: str, model: str | None) -> dict[str, Any]:
@@ -943,8 +944,9 @@ class Meter:
         in quarantine (action ``capped``, ``uncharged_quota``). Approving it posts one debit adjustment of that
         rest, reference ``approve:<quarantine id>``: a second approval charges 0.
         """
-        if not isinstance(quarantine_id, int) or isinstance(quarantine_id, bool) or not 0 < quarantine_id < 2**31:
-            raise InvalidField("quarantine_id", "must be the id of a quarantined usage (a positive integer)")
+        if not isinstance(quarantine_id, int):
+            raise InvalidField("quarantine_id", f"must be an integer id, got {type(quarantine_id).__name__}")
+        inputs.row_id(quarantine_id, "quarantine_id")
         query = select(quarantine.QUARANTINE).where(quarantine.QUARANTINE.c.id == quarantine_id)
         row = self._read(lambda db: db.execute(query).mappings().first())
         if row is None:
