@@ -199,7 +199,11 @@ def test_the_hot_inserts_carry_the_channel_and_a_forged_ticket_is_refused(ledger
     assert channels == {"req-1": "azure-1", "req-2": "openai-2", "req-3": "deferred-3"}
     # Settle moves the balance by both entries in one UPDATE: a ticket naming another user than its hold is refused.
     forged = dataclasses.replace(meter.authorize(secret, BODY, "req-4"), user_id=other)
-    with pytest.raises(ValueError, match="another user or key"):
+    with pytest.raises(ValueError, match="another user, key or worst case"):
         meter.settle(forged, usage=USAGE)
+    # Nor a ticket claiming a larger worst case than its hold reserved (settle caps the upstream's figures by it).
+    inflated = dataclasses.replace(meter.hold("req-4"), max_output_tokens=10**12)
+    with pytest.raises(ValueError, match="another user, key or worst case"):
+        meter.settle(inflated, usage=USAGE)
     assert meter.balance(other) == 0 and meter.audit().ok
     meter.close()
