@@ -28,6 +28,13 @@ EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc)
 MAX_AHEAD = timedelta(days=366)
 #: Body fields that bound the output, in the order they are read (the newer name first).
 MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
+#: The largest id any row can have (a signed 64-bit integer); a larger number names no row of any database.
+MAX_ID = 2**63 - 1
+#: A key's allowed models: at most this many names, each at most ``MODEL_MAX_CHARS`` (the events' model column),
+#: and their stored JSON at most ``MODELS_MAX_CHARS`` (MariaDB's TEXT column holds 65,535 bytes).
+MAX_MODELS = 1_000
+MODEL_MAX_CHARS = 190
+MODELS_MAX_CHARS = 60_000
 
 
 def identifier(value: Any, field: str, max_chars: int = IDENTIFIER_MAX_CHARS) -> str:
@@ -58,6 +65,64 @@ def text(value: Any, field: str, max_chars: int = 10_000) -> str:
     for position, char in enumerate(value):
         if char == "\0" or unicodedata.category(char) == "Cs":
             raise InvalidField(field, f"U+{ord(char):04X} at position {position} cannot be stored (NUL or a lone surrogate)")
+    return value
+
+
+def integer(value: Any, field: str, low: int, high: int) -> int:
+    """An ``int`` (not a bool, not a float, not text) from ``low`` to ``high``; else ``InvalidField``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidField(field, f"must be an integer from {low} to {high}, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidField(field, f"must be an integer from {low} to {high}")
+    return value
+
+
+def row_id(value: Any, field: str) -> int:
+    """The id of a row (a user, key, hold...): a positive ``int`` a database can hold; else ``InvalidField``.
+
+    A well-formed id of no row is the caller's ``NotFound``, not this check's."""
+    return integer(value, field, 1, MAX_ID)
+
+
+def flag(value: Any, field: str) -> bool:
+    """A ``bool`` (not 0/1, not text); else ``InvalidField``."""
+    if not isinstance(value, bool):
+        raise InvalidField(field, f"must be True or False, got {type(value).__name__}")
+    return value
+
+
+def choice(value: Any, field: str, allowed: tuple[str, ...]) -> str:
+    """One of ``allowed`` (compared as text, exactly); else ``InvalidField`` listing them."""
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidField(field, f"must be one of {', '.join(allowed)}")
+    return value
+
+
+def model_names(value: Any, field: str = "models") -> list[str]:
+    """A key's allowed models: a list or tuple of model names, as the sorted, de-duplicated list stored.
+
+    Each name is non-empty text without spaces around it (``identifier``, at most ``MODEL_MAX_CHARS``); at
+    least one and at most ``MAX_MODELS`` names (None, not an empty list, allows every model). A bare string
+    is refused: it would be read as a list of its characters.
+    """
+    if not isinstance(value, (list, tuple)):
+        raise InvalidField(field, f"must be a list of model names (None allows every model), got {type(value).__name__}")
+    if not value:
+        raise InvalidField(field, "must name at least one model (None allows every model)")
+    if len(value) > MAX_MODELS:
+        raise InvalidField(field, f"must name at most {MAX_MODELS} models, got {len(value)}")
+    names = sorted({identifier(name, f"{field}[{index}]", MODEL_MAX_CHARS) for index, name in enumerate(value)})
+    if sum(len(name) + 4 for name in names) > MODELS_MAX_CHARS:  # a bound on the stored JSON (see MODELS_MAX_CHARS)
+        raise InvalidField(field, f"the names are more than the {MODELS_MAX_CHARS:,} characters a key can store")
+    return names
+
+
+def duration(value: Any, field: str, longest: timedelta) -> timedelta:
+    """A ``timedelta`` above zero and at most ``longest``; else ``InvalidField``."""
+    if not isinstance(value, timedelta):
+        raise InvalidField(field, f"must be a timedelta, got {type(value).__name__}")
+    if not timedelta(0) < value <= longest:
+        raise InvalidField(field, f"must be above zero and at most {longest}")
     return value
 
 
@@ -122,6 +187,7 @@ def max_output_tokens(body: dict[str, Any]) -> int | None:
 
 
 __all__ = [
-    "CHANNEL_MAX_CHARS", "EARLIEST", "IDENTIFIER_MAX_CHARS", "MAX_AHEAD", "event_time", "identifier",
-    "max_output_tokens", "naive_utc", "request_body", "text",
+    "CHANNEL_MAX_CHARS", "EARLIEST", "IDENTIFIER_MAX_CHARS", "MAX_AHEAD", "MAX_ID", "MAX_MODELS", "MODEL_MAX_CHARS",
+    "MODELS_MAX_CHARS", "choice", "duration", "event_time", "flag", "identifier", "integer", "max_output_tokens",
+    "model_names", "naive_utc", "request_body", "row_id", "text",
 ]
