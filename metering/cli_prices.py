@@ -14,7 +14,7 @@ from rich.table import Table
 
 from pricing.errors import BillingError, FieldError, PriceNotFound, PriceTableError, UnknownModel
 from pricing.quote import decimal_text, now, price
-from pricing.recharge import quote_topup
+from pricing.recharge import amount_text, quote_topup
 from pricing.table import PriceTable, default_price_table_path, load_price_table
 from pricing.usage import MAX_COUNT, InvalidUsage, UsageRecord
 
@@ -197,7 +197,7 @@ def quote_topup_command(
         else ""
     )
     stdout.print(
-        f"{result.amount} {result.currency} at {result.label}: ${decimal_text(result.usd_credit)} credit = "
+        f"{amount_text(result.amount)} {result.currency} at {result.label}: ${decimal_text(result.usd_credit)} credit = "
         f"[bold]{result.quota}[/] quota units{reference}",
         highlight=False,
     )

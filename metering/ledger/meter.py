@@ -62,7 +62,7 @@ from metering.models import resolve_model
 from metering.prompt_count import PromptCount
 from metering.streams import StreamAccumulator, StreamResult
 from pricing.quote import MAX_QUOTA, decimal_text, price, quota
-from pricing.recharge import grant_quota, quote_topup
+from pricing.recharge import amount_text, grant_quota, quote_topup, same_amount
 from pricing.table import PriceTable, load_price_table
 from pricing.usage import InvalidUsage, UsageRecord, UsageSource
 
@@ -485,14 +485,18 @@ class Meter:
     def topup(
         self, user_id: int, amount: str | Decimal | int, currency: str, reference: str, at: datetime | None = None
     ) -> int:
-        """Credit a paid top-up at the recharge rate in force; once per external ``reference``. Returns units."""
+        """Credit a paid top-up at the recharge rate in force; once per external ``reference``. Returns units.
+
+        A retry is the same ``user_id``, ``currency`` and ``amount`` by value (``10``, ``"10.00"`` and
+        ``Decimal("1e1")`` are one amount, stored as its canonical text); anything else is ``DuplicateReference``.
+        """
         _identifier(reference, "reference")
         moment = inputs.event_time(at, "at")
         quote = quote_topup(self.prices, amount, currency, moment)
         paid_at = _naive_utc(moment)  # the order's time is the payment's (reports take the paid rate by it)
         self.user(user_id)  # NotFound, not a raw foreign-key IntegrityError
         order = {
-            "reference": reference, "user_id": user_id, "amount": str(quote.amount), "currency": currency,
+            "reference": reference, "user_id": user_id, "amount": amount_text(quote.amount), "currency": currency,
             "rate_id": quote.rate_id, "usd_credit": decimal_text(quote.usd_credit), "quota": quote.quota,
         }
 
@@ -508,7 +512,7 @@ class Meter:
             row = self._read(lambda db: db.execute(select(ORDERS).where(ORDERS.c.reference == reference)).mappings().first())
             if row is None:
                 raise
-            if (row["user_id"], row["amount"], row["currency"]) != (user_id, order["amount"], currency):
+            if (row["user_id"], row["currency"]) != (user_id, currency) or not same_amount(row["amount"], quote.amount):
                 raise DuplicateReference(f"top-up reference {reference!r} was used for a different order") from None
             return int(row["quota"])  # a retried webhook: credited once, same answer
 
