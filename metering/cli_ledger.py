@@ -155,12 +155,14 @@ def _emit(payload: Any) -> None:
 
 
 def _user_id(meter: Any, user: str) -> int:
-    from metering.ledger.errors import NotFound
+    from metering.ledger.errors import InvalidField, NotFound
 
     try:
         return meter.find_user(user)
     except NotFound as exc:
         _fail(f"USER: {exc}")
+    except InvalidField as exc:
+        _fail(f"USER: {exc.message}")
 
 
 def _known(flag: str, noun: str, name: str, known: Any) -> None:

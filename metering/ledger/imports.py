@@ -171,6 +171,12 @@ def one_transaction(meter: Meter, *, commit: bool = True) -> Iterator[Meter]:
 # ---------------------------------------------------------------------- links and cursors
 
 
+def _check_meter(meter: Meter) -> Meter:
+    if not isinstance(meter, Meter):
+        raise InvalidField("meter", f"must be a Meter, got {type(meter).__name__}")
+    return meter
+
+
 def _check_source(source: str) -> str:
     return inputs.identifier(source, "source", 64)
 
@@ -185,6 +191,7 @@ def _check_external_id(external_id: str, field: str = "external_id") -> str:
 
 def links(meter: Meter, source: str, kind: str) -> dict[str, int]:
     """Every link of ``kind`` from ``source``: external id -> local id."""
+    _check_meter(meter)
     _check_source(source)
     _check_kind(kind)
     query = select(LINKS.c.external_id, LINKS.c.local_id).where(LINKS.c.source == source, LINKS.c.kind == kind)
@@ -205,6 +212,7 @@ def _linked(meter: Meter, source: str, kind: str, external_id: str) -> int | Non
 
 def set_cursor(meter: Meter, source: str, name: str, value: int) -> bool:
     """Store ``value`` as the cursor ``name`` of ``source`` (the highest foreign id read); False when unchanged."""
+    _check_meter(meter)
     _check_source(source)
     _check_external_id(name, "name")
     inputs.integer(value, "value", 0, inputs.MAX_ID)
@@ -221,6 +229,7 @@ def set_cursor(meter: Meter, source: str, name: str, value: int) -> bool:
 
 def cursor(meter: Meter, source: str, name: str) -> int | None:
     """The cursor ``name`` of ``source``, None before the first import."""
+    _check_meter(meter)
     _check_source(source)
     _check_external_id(name, "name")
     return _linked(meter, source, "cursor", name)
@@ -233,6 +242,7 @@ def lock_cursor(meter: Meter, source: str, name: str) -> int:
     end (SQLite's write lock does that anyway) and reads what it committed, instead of racing it. The row is
     created (at 0) when missing; a concurrent first import that created it meanwhile is waited for.
     """
+    _check_meter(meter)
     _check_source(source)
     _check_external_id(name, "name")
     locked = (select(LINKS.c.local_id).where(LINKS.c.source == source, LINKS.c.kind == "cursor",
@@ -252,6 +262,7 @@ def create_linked_user(meter: Meter, name: str, group: str, *, source: str, exte
 
     A name taken by a user that is not this link's is a ``DuplicateReference`` naming ``name``.
     """
+    _check_meter(meter)
     _check_source(source)
     _check_external_id(external_id)
     inputs.text(group, "group", 64)
@@ -297,6 +308,7 @@ def create_key_from_secret(
     Only the sha256 is stored, as for every key; the secret is never logged or echoed. The linked key is
     returned when it exists; a secret some other key already has is a ``DuplicateReference`` naming ``secret``.
     """
+    _check_meter(meter)
     _check_source(source)
     _check_external_id(external_id)
     _check_kind(kind)
@@ -334,6 +346,7 @@ def create_key_from_secret(
 
 def set_key_room(meter: Meter, key_id: int, room: int) -> bool:
     """Make a limited key's room (``limit - used - reserved``) equal ``room`` (at least 0); False when it was."""
+    _check_meter(meter)
     inputs.row_id(key_id, "key_id")
     inputs.integer(room, "room", -inputs.MAX_ID, inputs.MAX_ID)
     row = meter._read(lambda db: db.execute(
@@ -352,6 +365,7 @@ def set_key_room(meter: Meter, key_id: int, room: int) -> bool:
 
 def known_request_ids(meter: Meter, request_ids: Iterable[str]) -> set[str]:
     """The request ids among ``request_ids`` that already have a usage event or an import quarantine row."""
+    _check_meter(meter)
     if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, Iterable):
         raise InvalidField("request_ids", f"must be a list of request ids, got {type(request_ids).__name__}")
     wanted = [inputs.identifier(r, "request_ids") for r in request_ids]
@@ -372,15 +386,18 @@ def usage_record(meter: Meter, model: object, input_tokens: object, output_token
     ``cached_tokens``: the prompt-cache reads *inside* ``input_tokens``, as OpenAI counts them (its
     ``prompt_tokens`` includes ``cached_tokens``); they are priced at the cached rate (docs/usage-record.md).
     """
+    _check_meter(meter)
     if not isinstance(model, str):
         raise InvalidUsage("model", f"must be a model name, got {type(model).__name__}")
     try:
         provider = meter.prices.resolve(model)[0].provider
     except UnknownModel:
         provider = infer_provider(model) if model.strip() else "unknown"  # the price look-up refuses it next
+    if cached_tokens is None:
+        cached_tokens = 0
+    if not isinstance(cached_tokens, int) or isinstance(cached_tokens, bool) or cached_tokens < 0:
+        raise InvalidUsage("cached_tokens", f"must be a non-negative integer, got {type(cached_tokens).__name__}")
     if cached_tokens:
-        if not isinstance(cached_tokens, int) or isinstance(cached_tokens, bool) or cached_tokens < 0:
-            raise InvalidUsage("cached_tokens", f"must be a non-negative integer, got {cached_tokens!r}")
         if not isinstance(input_tokens, int) or isinstance(input_tokens, bool) or cached_tokens > input_tokens:
             raise InvalidUsage("cached_tokens", f"{cached_tokens} cached tokens are more than the {input_tokens!r} input")
         return UsageRecord(provider=provider, model=model, input_tokens=input_tokens - cached_tokens,
@@ -400,6 +417,7 @@ def record_usage_for_key(
     when the key was valid. A retry with the same request id returns the first receipt. A usage the ledger
     refuses is quarantined (source ``import_usage``, ``payload`` kept with it) before the typed error is raised.
     """
+    _check_meter(meter)
     try:
         return _record(meter, key_id, request_id, model, input_tokens, output_tokens, at, channel, cached_tokens)
     except quarantine.REJECTIONS as exc:
@@ -471,6 +489,7 @@ def record_usage_many(meter: Meter, items: Sequence[ImportedUsage]) -> list[Rece
     one-row call does). A request id recorded meanwhile (another import) sends the batch one row at a time,
     where a retry gets its first receipt.
     """
+    _check_meter(meter)
     if not isinstance(items, (list, tuple)):
         raise InvalidField("items", f"must be a list of ImportedUsage, got {type(items).__name__}")
     for index, item in enumerate(items):

@@ -118,18 +118,19 @@ def model_names(value: Any, field: str = "models") -> list[str]:
 
 
 def duration(value: Any, field: str, longest: timedelta) -> timedelta:
-    """A ``timedelta`` above zero and at most ``longest``; else ``InvalidField``."""
+    """A ``timedelta`` from zero to ``longest``; else ``InvalidField``."""
     if not isinstance(value, timedelta):
         raise InvalidField(field, f"must be a timedelta, got {type(value).__name__}")
-    if not timedelta(0) < value <= longest:
-        raise InvalidField(field, f"must be above zero and at most {longest}")
+    if not timedelta(0) <= value <= longest:
+        raise InvalidField(field, f"must be from zero to {longest}")
     return value
 
 
-def event_time(at: Any, field: str = "at", *, now: datetime | None = None) -> datetime:
-    """``at`` as an aware datetime between 2000 and a year from now (None: now); else ``InvalidField``."""
+def event_time(at: Any, field: str = "at", *, now: datetime | None = None, required: bool = False) -> datetime:
+    """``at`` as an aware datetime between 2000 and a year from now (None: now, unless ``required``); else
+    ``InvalidField``."""
     current = now or datetime.now(timezone.utc)
-    if at is None:
+    if at is None and not required:
         return current
     if not isinstance(at, datetime):
         raise InvalidField(field, f"must be a datetime with a time zone, got {type(at).__name__}")

@@ -61,6 +61,7 @@ from metering.ledger.tables import ApiKey, GrantRecord, Hold, LedgerEntry, Redem
 from metering.models import resolve_model
 from metering.prompt_count import PromptCount
 from metering.streams import StreamAccumulator, StreamResult
+from pricing.errors import BillingError
 from pricing.quote import MAX_QUOTA, decimal_text, price, quota
 from pricing.recharge import amount_text, grant_quota, quote_topup, same_amount
 from pricing.table import PriceTable, load_price_table
@@ -79,6 +80,12 @@ DEFAULT_HOLD_TTL = timedelta(minutes=10)
 OUTCOMES = ("completed", "aborted", "error")
 #: Deadlocks and serialization failures are retried this many times (the transaction is all-or-nothing).
 MAX_RETRIES = 8
+#: The longest hold TTL a Meter takes (the close waits this long past a day's end before closing it).
+MAX_HOLD_TTL = timedelta(days=1)
+#: The most redemption codes one ``create_redemption_codes`` call makes (they are returned in one list).
+MAX_CODES = 10_000
+#: ``fold_deferred``: the most events one call reads (``limit``) and charges in one transaction (``per_transaction``).
+MAX_FOLD_LIMIT, MAX_FOLD_PER_TRANSACTION = 1_000_000, 10_000
 
 
 def utcnow() -> datetime:
@@ -213,6 +220,11 @@ class Meter:
     """The quota ledger over one database, priced by one price table."""
 
     def __init__(self, engine: Engine, prices: PriceTable, hold_ttl: timedelta = DEFAULT_HOLD_TTL) -> None:
+        if not isinstance(engine, Engine):
+            raise InvalidField("engine", f"must be a SQLAlchemy Engine, got {type(engine).__name__}")
+        if not isinstance(prices, PriceTable):
+            raise InvalidField("prices", f"must be a PriceTable, got {type(prices).__name__}")
+        inputs.duration(hold_ttl, "hold_ttl", MAX_HOLD_TTL)
         self.engine = engine
         self.prices = prices
         self.hold_ttl = hold_ttl
@@ -223,9 +235,18 @@ class Meter:
         cls, url: str = "sqlite:///metering.db", *, prices: PriceTable | None = None, hold_ttl: timedelta = DEFAULT_HOLD_TTL
     ) -> "Meter":
         """Connect, create or upgrade the schema, and load the price table (default: the bundled one)."""
+        from sqlalchemy.exc import ArgumentError
+
         from metering.ledger.schema import upgrade
 
-        engine = make_engine(url)
+        inputs.text(url, "url", 4_096)
+        if prices is not None and not isinstance(prices, PriceTable):
+            raise InvalidField("prices", f"must be a PriceTable or None, got {type(prices).__name__}")
+        inputs.duration(hold_ttl, "hold_ttl", MAX_HOLD_TTL)
+        try:
+            engine = make_engine(url)
+        except ArgumentError:  # the URL itself is never echoed: it may hold a password
+            raise InvalidField("url", "is not a database URL (sqlite:///path, postgresql://..., mysql://...)") from None
         upgrade(engine)
         return cls(engine, prices or load_price_table(), hold_ttl)
 
@@ -331,6 +352,7 @@ class Meter:
 
     def create_user(self, name: str, group: str = "default") -> int:
         """Create a user in ``group`` (a group of the price table) with a zero balance; returns its id."""
+        inputs.text(group, "group", 64)
         self.prices.group_multiplier(group)  # an unknown group is refused here, not at the first request
         _name(name, "name")
         if not name or name != name.strip():
@@ -349,17 +371,21 @@ class Meter:
 
     def user(self, user_id: int) -> dict[str, Any]:
         """A user's id, name, group and balance."""
+        inputs.row_id(user_id, "user_id")
         row = self._read(lambda db: db.execute(select(USERS).where(USERS.c.id == user_id)).mappings().first())
         if row is None:
             raise NotFound(f"no user {user_id}")
         return {"id": row["id"], "name": row["name"], "group": row["price_group"], "balance": row["balance"]}
 
     def find_user(self, name_or_id: str | int) -> int:
-        """The id of a user given by id or name."""
-        if isinstance(name_or_id, int) or str(name_or_id).isdigit():
-            query = select(USERS.c.id).where(USERS.c.id == int(name_or_id))
+        """The id of a user given by id or name (text of ASCII digits is an id: no user is named so)."""
+        if isinstance(name_or_id, str) and name_or_id.isascii() and name_or_id.isdigit():
+            digits = name_or_id if len(name_or_id) <= 19 else "0"  # 19 digits hold every id; more is none
+            query = select(USERS.c.id).where(USERS.c.id == inputs.row_id(int(digits), "name_or_id"))
+        elif isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
+            query = select(USERS.c.id).where(USERS.c.id == inputs.row_id(name_or_id, "name_or_id"))
         else:
-            query = select(USERS.c.id).where(USERS.c.name == name_or_id)
+            query = select(USERS.c.id).where(USERS.c.name == inputs.text(name_or_id, "name_or_id", NAME_MAX_CHARS))
         row = self._read(lambda db: db.execute(query).first())
         if row is None:
             raise NotFound(f"no user {name_or_id!r}")
@@ -378,19 +404,27 @@ class Meter:
         self, user_id: int, name: str, limit_quota: int | None = None, models: Sequence[str] | None = None,
         expires_at: datetime | None = None,
     ) -> str:
-        """Create an API key; returns its secret, which is shown this once and never stored."""
-        if limit_quota is not None and (
-            not isinstance(limit_quota, int) or isinstance(limit_quota, bool) or not 0 <= limit_quota <= MAX_QUOTA
-        ):
-            raise InvalidField("limit_quota", f"must be an integer from 0 to {MAX_QUOTA} (None means unlimited)")
+        """Create an API key; returns its secret, which is shown this once and never stored.
+
+        ``models``: None (every model) or a list of model names the model registry knows (a typo is refused
+        here rather than refusing every request later).
+        """
+        if limit_quota is not None:
+            inputs.integer(limit_quota, "limit_quota", 0, MAX_QUOTA)
         _name(name, "name")
+        allowed = None if models is None else inputs.model_names(models, "models")
+        for index, model in enumerate(allowed or ()):
+            try:
+                resolve_model(model)
+            except BillingError as exc:
+                raise InvalidField(f"models[{index}]", str(exc)) from None
         self.user(user_id)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         values = {
             "user_id": user_id, "name": name, "secret_hash": secret_hash(secret),
             "display_prefix": secret[: len(SECRET_PREFIX) + 4] + "...", "status": "enabled",
             "expires_at": None if expires_at is None else _naive_utc(expires_at, "expires_at"),
-            "allowed_models": None if models is None else json.dumps(sorted(models)),
+            "allowed_models": None if allowed is None else json.dumps(allowed),
             "limit_quota": limit_quota, "used_quota": 0, "reserved_quota": 0, "created_at": utcnow(),
         }
         self._retrying(lambda db: db.execute(insert(KEYS).values(**values)).rowcount)
@@ -401,6 +435,7 @@ class Meter:
         # Every column but the hash: a row read through SQLAlchemy is echoed by its DEBUG log.
         query = select(*(c for c in KEYS.c if c.name != "secret_hash")).order_by(KEYS.c.id)
         if user_id is not None:
+            inputs.row_id(user_id, "user_id")
             query = query.where(KEYS.c.user_id == user_id)
         rows = self._read(lambda db: db.execute(query).mappings().all())
         return [
@@ -438,9 +473,14 @@ class Meter:
         return self._read(work)
 
     def revoke_key(self, key_id: int) -> bool:
-        """Disable a key for good; False when it was already revoked."""
+        """Disable a key for good; False when it was already revoked, ``NotFound`` when there is no such key."""
+        inputs.row_id(key_id, "key_id")
         revoke = update(KEYS).where(KEYS.c.id == key_id, KEYS.c.status == "enabled").values(status="revoked")
-        return self._retrying(lambda db: db.execute(revoke).rowcount == 1)
+        if self._retrying(lambda db: db.execute(revoke).rowcount == 1):
+            return True
+        if self._read(lambda db: db.execute(select(KEYS.c.id).where(KEYS.c.id == key_id)).first()) is None:
+            raise NotFound(f"no key {key_id}")
+        return False
 
     def _key(self, db: Db, secret: str, model: str | None) -> dict[str, Any]:
         presented = _presented_hash(secret)
@@ -466,6 +506,7 @@ class Meter:
 
     def grant(self, user_id: int, kind: str) -> int:
         """Give the price table's grant ``kind`` once per user; returns the units credited (0 the second time)."""
+        inputs.text(kind, "kind", 64)
         units = grant_quota(self.prices, kind)
         self.user(user_id)  # NotFound, not a foreign-key error swallowed as "granted before"
 
@@ -491,6 +532,7 @@ class Meter:
         ``Decimal("1e1")`` are one amount, stored as its canonical text); anything else is ``DuplicateReference``.
         """
         _identifier(reference, "reference")
+        inputs.identifier(currency, "currency", 8)
         moment = inputs.event_time(at, "at")
         quote = quote_topup(self.prices, amount, currency, moment)
         paid_at = _naive_utc(moment)  # the order's time is the payment's (reports take the paid rate by it)
@@ -542,10 +584,8 @@ class Meter:
 
     def create_redemption_codes(self, count: int, quota_units: int, batch: str | None = None) -> list[str]:
         """Create ``count`` single-use codes worth ``quota_units`` each; the codes are returned this once."""
-        if count < 1 or quota_units < 1:
-            raise ValueError("count and quota must be positive")
-        if quota_units > MAX_QUOTA:
-            raise InvalidField("quota_units", f"must be at most {MAX_QUOTA}")
+        inputs.integer(count, "count", 1, MAX_CODES)
+        inputs.integer(quota_units, "quota_units", 1, MAX_QUOTA)
         if batch is not None:
             inputs.identifier(batch, "batch", 64)
         batch = batch or utcnow().strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
@@ -557,6 +597,8 @@ class Meter:
 
     def redeem(self, user_id: int, code: str) -> int:
         """Redeem a code for ``user_id`` exactly once (under any concurrency); returns the units credited."""
+        if not isinstance(code, str):  # never a code; any text is looked up (an unknown one is NotFound)
+            raise InvalidField("code", f"must be text, got {type(code).__name__}")
         self.user(user_id)  # NotFound, not a raw foreign-key IntegrityError
 
         def work(db: Db) -> int:
@@ -582,6 +624,9 @@ class Meter:
 
     def estimate(self, body: dict[str, Any], model: str, group: str, at: datetime) -> tuple[int, PromptCount]:
         """The worst case of a request in quota: its prompt count plus max_tokens (or the model's maximum)."""
+        inputs.text(model, "model", inputs.MODEL_MAX_CHARS)
+        inputs.text(group, "group", 64)
+        inputs.event_time(at, "at", required=True)
         prompt = count_request(body, model)
         entry, _ = self.prices.resolve(model)
         version = entry.version_at(at.timestamp()).version
@@ -602,6 +647,8 @@ class Meter:
         _identifier(request_id, "request_id")
         if channel is not None:
             _identifier(channel, "channel")
+        if model is not None and not isinstance(model, str):
+            raise InvalidField("model", f"must be a model name or None (the body's), got {type(model).__name__}")
         model = model or inputs.request_body(request_body).get("model")
         if not isinstance(model, str):
             raise KeyRejected("the request names no model", http_status=400, code="model_required")
@@ -652,6 +699,7 @@ class Meter:
 
     def hold(self, request_id: str) -> HoldTicket:
         """The hold taken for ``request_id`` (e.g. in another process)."""
+        _identifier(request_id, "request_id")
         row = self._read(lambda db: db.row(HOLD_BY_REQUEST, p_request_id=request_id))
         if row is None:
             raise NotFound(f"no hold for request {request_id!r}")
@@ -659,6 +707,8 @@ class Meter:
 
     def release(self, hold: HoldTicket) -> bool:
         """The upstream call failed: return the hold to the balance, exactly once. False if already resolved."""
+        if not isinstance(hold, HoldTicket):
+            raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
         return self._retrying(lambda db: self._resolve_open_hold(db, hold.id, "released"))
 
     def _resolve_open_hold(self, db: Db, hold_id: int, status: str) -> bool:
@@ -688,7 +738,7 @@ class Meter:
 
     def expire_holds(self, now: datetime | None = None) -> int:
         """Release every open hold past its TTL (the worker runs this every minute); returns how many."""
-        cutoff = _naive_utc(now)
+        cutoff = _naive_utc(inputs.event_time(now, "now"))  # an aware time from 2000 to a year ahead
         due = select(HOLDS.c.id).where(HOLDS.c.status == "open", HOLDS.c.expires_at <= cutoff)
         ids = self._read(lambda db: db.execute(due).scalars().all())
         return sum(self._retrying(lambda db, i=i: self._resolve_open_hold(db, i, "expired")) for i in ids)
@@ -698,6 +748,8 @@ class Meter:
     @staticmethod
     def accumulator(hold: HoldTicket) -> StreamAccumulator:
         """A stream accumulator for ``hold``'s request that knows its prompt count (for cut streams)."""
+        if not isinstance(hold, HoldTicket):
+            raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
         return StreamAccumulator(hold.model, prompt=_prompt_of(hold))
 
     def settle(
@@ -879,6 +931,8 @@ class Meter:
         ``per_transaction`` > 1 charges that many events in each transaction (a bulk import's backlog): the
         same entries and balances, far fewer commits; each event is still charged exactly once.
         """
+        inputs.integer(limit, "limit", 1, MAX_FOLD_LIMIT)
+        inputs.integer(per_transaction, "per_transaction", 1, MAX_FOLD_PER_TRANSACTION)
         pending = select(EVENTS.c.id).where(EVENTS.c.status == "pending").order_by(EVENTS.c.id).limit(limit)
         ids = self._read(lambda db: db.execute(pending).scalars().all())
         if per_transaction > 1:
