@@ -50,9 +50,7 @@ def identifier(value: Any, field: str, max_chars: int = IDENTIFIER_MAX_CHARS) ->
         raise InvalidField(field, "must be non-empty, without leading or trailing spaces")
     if len(value) > max_chars:
         raise InvalidField(field, f"must be at most {max_chars} characters, got {len(value)}")
-    for position, char in enumerate(value):
-        if char == "\0" or unicodedata.category(char) == "Cs":
-            raise InvalidField(field, f"U+{ord(char):04X} at position {position} cannot be stored (NUL or a lone surrogate)")
+    _storable(value, field)
     return value
 
 
@@ -62,10 +60,17 @@ def text(value: Any, field: str, max_chars: int = 10_000) -> str:
         raise InvalidField(field, f"expected text, got {type(value).__name__}")
     if len(value) > max_chars:
         raise InvalidField(field, f"at most {max_chars} characters, got {len(value)}")
+    _storable(value, field)
+    return value
+
+
+def _storable(value: str, field: str) -> None:
+    """No NUL (PostgreSQL cannot store it) and no lone surrogate (not UTF-8); ASCII text is checked at once."""
+    if value.isascii() and "\0" not in value:  # str.isascii is O(1): the common case skips the walk
+        return
     for position, char in enumerate(value):
         if char == "\0" or unicodedata.category(char) == "Cs":
             raise InvalidField(field, f"U+{ord(char):04X} at position {position} cannot be stored (NUL or a lone surrogate)")
-    return value
 
 
 def integer(value: Any, field: str, low: int, high: int) -> int:

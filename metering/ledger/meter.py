@@ -962,7 +962,10 @@ class Meter:
         """Charge the events among ``ids`` still pending, in this one transaction (see ``fold_deferred``)."""
         # Row locks on the events first (SQLite: the transaction's write lock), as the one-event fold's claim
         # does; then the users in id order, so two folders never wait on each other in a cycle.
+        # By primary key on MariaDB too: its optimizer, with statistics older than a long transaction's own
+        # inserts (an import's), walked the status index's 'pending' entries instead, 6x slower per chunk.
         pending = (select(EVENTS.c.id, EVENTS.c.user_id, EVENTS.c.key_id, EVENTS.c.quota, EVENTS.c.request_id)
+                   .with_hint(EVENTS, "FORCE INDEX (PRIMARY)", "mysql").with_hint(EVENTS, "FORCE INDEX (PRIMARY)", "mariadb")
                    .where(EVENTS.c.id.in_(ids), EVENTS.c.status == "pending").order_by(EVENTS.c.id).with_for_update())
         rows = db.execute(pending).mappings().all()
         if not rows:
