@@ -159,7 +159,7 @@ CASES: list[Case] = [
     case("create_redemption_codes", "quota_units", lambda m, c, v: m.create_redemption_codes(1, v)),
     case("create_redemption_codes", "batch", lambda m, c, v: m.create_redemption_codes(1, 5, v), valid="none digits"),
     case("redeem", "user_id", lambda m, c, v: m.redeem(v, c.code)),
-    case("redeem", "code", lambda m, c, v: m.redeem(c.uid, v)),
+    case("redeem", "code", lambda m, c, v: m.redeem(c.uid, v)),  # one answer for every refusal: NotFound
     # ------------------------------------------------------------ holds and settlement
     case("estimate", "body", lambda m, c, v: m.estimate(v, "gpt-4o", "default", NOW)),
     case("estimate", "model", lambda m, c, v: m.estimate(BODY, v, "default", NOW)),
