@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_reconcile.py
 	$(BIN)/python bench/bench_export.py
 	$(BIN)/python bench/bench_relay.py
+	$(BIN)/python bench/bench_import.py
 
 # Re-pin after changing dependencies in pyproject.toml: resolves in a scratch venv, writes requirements.lock.
 lock:

@@ -489,7 +489,7 @@ def topup(
     """Credit a paid top-up at the recharge rate in force, once per --reference."""
     from metering.ledger.inputs import identifier
     from pricing.errors import FieldError, PriceNotFound
-    from pricing.recharge import topup_amount
+    from pricing.recharge import amount_text, topup_amount
 
     if currency.upper() not in CURRENCIES:
         fail(f"--currency: must be one of {', '.join(CURRENCIES)}, got {currency!r}")
@@ -507,8 +507,8 @@ def topup(
             units = meter.topup(uid, amount, currency.upper(), reference)
         except PriceNotFound as exc:  # no recharge rate in force for this currency
             fail(f"--currency: {exc}")
-        return {"user_id": uid, "reference": reference, "amount": amount, "currency": currency.upper(),
-                "quota": units, "balance": meter.balance(uid)}
+        return {"user_id": uid, "reference": reference, "amount": amount_text(topup_amount(amount)),
+                "currency": currency.upper(), "quota": units, "balance": meter.balance(uid)}
 
     result = _with_meter(db, prices, work, flags={"amount": "--amount", "reference": "--reference"})
     if as_json:

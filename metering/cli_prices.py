@@ -15,7 +15,7 @@ from rich.table import Table
 from metering.cli_output import EXIT_BAD_INPUT, cell, emit, json_safe, print_error, printable
 from pricing.errors import BillingError, FieldError, PriceNotFound, PriceTableError, UnknownModel
 from pricing.quote import decimal_text, now, price
-from pricing.recharge import quote_topup
+from pricing.recharge import amount_text, quote_topup
 from pricing.table import PriceTable, default_price_table_path, load_price_table
 from pricing.usage import MAX_COUNT, InvalidUsage, UsageRecord
 
@@ -198,7 +198,7 @@ def quote_topup_command(
         else ""
     )
     stdout.print(
-        f"{escape(printable(result.amount))} {result.currency} at {escape(printable(result.label))}: "
+        f"{escape(printable(amount_text(result.amount)))} {result.currency} at {escape(printable(result.label))}: "
         f"${decimal_text(result.usd_credit)} credit = "
         f"[bold]{result.quota}[/] quota units{reference}",
         highlight=False,

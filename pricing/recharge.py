@@ -36,7 +36,7 @@ class TopupQuote:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, exact decimals as strings."""
         return {
-            "amount": str(self.amount),
+            "amount": amount_text(self.amount),
             "currency": self.currency,
             "rate_id": self.rate_id,
             "label": self.label,
@@ -82,6 +82,22 @@ def topup_amount(amount: Decimal | str | int) -> Decimal:
     if isinstance(exponent, int) and -exponent > AMOUNT_DECIMAL_PLACES and paid != paid.quantize(Decimal(1).scaleb(-AMOUNT_DECIMAL_PLACES)):
         raise FieldError("amount", f"{amount!r} has more than {AMOUNT_DECIMAL_PLACES} decimal places")
     return paid
+
+
+def amount_text(amount: Decimal) -> str:
+    """An amount paid as the one text of its value: no exponent, no trailing zeros (``10``, ``0.5``, ``99.9``).
+
+    What ``topup_orders.amount`` stores: ``10``, ``"10.00"`` and ``Decimal("1e1")`` are one payment."""
+    return decimal_text(Fraction(amount))
+
+
+def same_amount(stored: object, paid: Decimal) -> bool:
+    """Whether a stored amount (any text of a decimal, e.g. a row written before amounts were canonical) is
+    ``paid`` by value; text that is no number is another amount."""
+    try:
+        return Decimal(str(stored)) == paid
+    except ArithmeticError:
+        return False
 
 
 def quote_topup(table: PriceTable, amount: Decimal | str | int, currency: str, at: datetime | float) -> TopupQuote:

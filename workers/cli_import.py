@@ -1,7 +1,8 @@
 """``metering import one-api``: bring a one-api / new-api deployment's books into the ledger (workers/oneapi_import.py).
 
 Bad input (a --from that is no database we can read, a bad --source or --unknown-group, a conflict with the
-ledger's users or keys) prints ``error: <field>: ...`` on stderr and exits 2 with nothing written.
+ledger's users or keys) prints ``error: <field>: ...`` on stderr and exits 2 with nothing written. So does a run
+that fails midway (``error: import: ...``): the import is one transaction, rolled back whole.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def one_api(
     source: Annotated[Optional[str], typer.Option(
         "--source", help="Name of the deployment, part of every request id (default: from --from, no password).",
         show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and validate everything; write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Run the whole import and roll it back: the same checks and counts; nothing written.")] = False,
     unknown_group: Annotated[str, typer.Option(
         "--unknown-group", help="A user group the price table lacks: 'default' (import in default, warn) or "
         "'refuse' (exit 2 before writing).")] = "default",

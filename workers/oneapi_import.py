@@ -16,6 +16,12 @@ The rules (docs/oneapi-import.md has them with examples):
   brings our balance to it when they differ (reference from source, user, our balance and the target, so a
   rerun with nothing new writes nothing).
 
+All or nothing: the whole run is ONE ledger transaction (``imports.one_transaction``), committed at its end, so
+a run that fails anywhere (a conflict, a refused value, a database failure, an exception, a killed process)
+writes nothing: no user, key, link, event, quarantine row, charge, adjustment or cursor move. A dry run is
+the same run rolled back instead of committed: it validates exactly what the run validates, and its summary
+is the run's.
+
 Idempotent: links (``import_links``) name what each foreign row became, the logs' request ids are unique, and
 the log cursor (minus an overlap for rows committed out of id order) skips what earlier runs read.
 """
@@ -35,6 +41,7 @@ from metering.ledger import imports, inputs, quarantine
 from metering.ledger.errors import InvalidField, NotFound
 from metering.ledger.meter import KEYS, USERS, Meter, secret_hash
 from pricing.errors import UnknownModel
+from pricing.quote import MAX_QUOTA
 from workers.oneapi_source import (
     CONSUME, LOG_TYPES, TOKEN_DISABLED, TOKEN_EXPIRED, OneApiSource, SourceLog, SourceToken, SourceUser,
 )
@@ -46,6 +53,10 @@ UNKNOWN_GROUP_POLICIES = ("default", "refuse")
 FOLD_PER_TRANSACTION = 500
 #: The most warnings the summary lists (each kind is counted in full).
 MAX_WARNINGS = 20
+#: ``batch``: logs read per query (the command line's --batch bounds).
+MAX_BATCH = 100_000
+#: The tables an import reads and writes; a ledger without them (new, or older than migration 0004) is read as empty.
+LEDGER_TABLES = frozenset({"users", "api_keys", "import_links", "usage_events", "ledger_entries", "quarantined_usage"})
 #: Progress callback: (stage, done, total or None), as workers.progress draws it.
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -61,11 +72,11 @@ class ImportConflict(ValueError):
 
 @dataclass
 class _Plan:
-    """What the users and tokens become: our ids (None in a dry run for rows not created yet)."""
+    """What the users and tokens become: our ids (None for a user until it is created)."""
 
     users: dict[int, int | None] = field(default_factory=dict)  # source user id -> our user id
     groups: dict[int, str] = field(default_factory=dict)  # source user id -> our price group
-    keys: dict[int, int | None] = field(default_factory=dict)  # source token id -> our key id
+    keys: dict[int, int] = field(default_factory=dict)  # source token id -> our key id
     by_name: dict[tuple[int, str], int] = field(default_factory=dict)  # (source user, token name) -> token id
     fallback: dict[int, int] = field(default_factory=dict)  # source user id -> our fallback key id
 
@@ -87,35 +98,52 @@ def import_oneapi(
     meter: Meter, source: OneApiSource, *, name: str, dry_run: bool = False, unknown_group: str = "default",
     sync_balances: bool = True, batch: int = 2_000, progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Import ``source`` into ``meter`` as deployment ``name``; returns the summary (``dry_run``: writes nothing)."""
+    """Import ``source`` into ``meter`` as deployment ``name``, all or nothing; returns the summary.
+
+    ``dry_run``: the same run rolled back instead of committed (it writes nothing; its summary is the
+    real run's). A ledger without the import's tables (new, or older than the schema head) is read as
+    empty by a dry run (an empty in-memory ledger is imported into); the real run refuses it.
+    """
     if unknown_group not in UNKNOWN_GROUP_POLICIES:
         raise ImportConflict("--unknown-group", f"must be one of {', '.join(UNKNOWN_GROUP_POLICIES)}")
-    summary = _summary(source, name, dry_run)
-    ready = _ledger_ready(meter)
-    if not ready and not dry_run:
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH:
+        raise ImportConflict("--batch", f"must be an integer from 1 to {MAX_BATCH}")
+    imports._check_source(name)
+    tables = meter._read(lambda db: set(inspect(db.connection).get_table_names()))
+    if LEDGER_TABLES <= tables:
+        return _run(meter, source, name, dry_run, unknown_group, sync_balances, batch, progress)
+    if not dry_run:
         raise ImportConflict("--db", "the ledger's schema is not at head (open it with Meter.open first)")
+    empty = Meter.open("sqlite://", prices=meter.prices)  # the ledger read as empty: the same run, on nothing
+    try:
+        summary = _run(empty, source, name, dry_run, unknown_group, sync_balances, batch, progress)
+    finally:
+        empty.close()
+    if tables:
+        older = ("--db: the ledger's schema is older than the import's (the real run migrates it): it was read as "
+                 "empty, so conflicts with its users and keys are not seen")
+        summary["warnings"] = [older, *summary["warnings"]][:MAX_WARNINGS]
+    return summary
+
+
+def _run(meter: Meter, source: OneApiSource, name: str, dry_run: bool, unknown_group: str, sync_balances: bool,
+         batch: int, progress: Progress | None) -> dict[str, Any]:
+    """The import in one transaction: committed at the end, or (``dry_run``) rolled back."""
+    summary = _summary(source, name, dry_run)
     users = source.users()
     tokens = source.tokens()
-    plan = _plan_users(meter, users, name, unknown_group, summary, ready)
-    _check_tokens(meter, tokens, name, ready)
-    if not dry_run:
-        _create_users(meter, users, plan, name, summary)
-    _map_tokens(meter, tokens, users, plan, name, dry_run, summary, ready)
-    charges = _import_logs(meter, source, plan, name, dry_run, batch, progress, summary, ready)
-    if not dry_run:
-        while (folded := meter.fold_deferred(per_transaction=FOLD_PER_TRANSACTION)):
+    with imports.one_transaction(meter, commit=not dry_run) as ledger:
+        start = imports.lock_cursor(ledger, name, "logs")  # first: a concurrent import of this source waits here
+        plan = _plan_users(ledger, users, name, unknown_group, summary)
+        _check_tokens(ledger, tokens, name)
+        _create_users(ledger, users, plan, name, summary)
+        _map_tokens(ledger, tokens, users, plan, name, summary)
+        _import_logs(ledger, source, plan, name, start, batch, progress, summary)
+        while (folded := ledger.fold_deferred(per_transaction=FOLD_PER_TRANSACTION)):
             summary["folded"] += folded
-        _sync_key_rooms(meter, tokens, plan, summary)
-    _sync_balances(meter, users, plan, name, dry_run, sync_balances, charges, summary)
+        _sync_key_rooms(ledger, tokens, plan, summary)
+        _sync_balances(ledger, users, plan, name, sync_balances, summary)
     return _plain(summary)
-
-
-def _ledger_ready(meter: Meter) -> bool:
-    """Whether the ledger has the tables an import reads (a dry run on a new ledger reads nothing of it)."""
-    try:
-        return {"users", "api_keys", "import_links", "usage_events"} <= set(inspect(meter.engine).get_table_names())
-    except Exception:  # noqa: BLE001 (an unreachable ledger is reported by the first real call)
-        return False
 
 
 # ---------------------------------------------------------------------- users
@@ -133,15 +161,17 @@ def _our_name(user: SourceUser, name: str) -> tuple[str, bool]:
     return f"{name}-user-{user.id}", True
 
 
-def _plan_users(meter: Meter, users: list[SourceUser], name: str, policy: str, summary: dict[str, Any],
-                ready: bool) -> _Plan:
+def _plan_users(meter: Meter, users: list[SourceUser], name: str, policy: str, summary: dict[str, Any]) -> _Plan:
     """Groups, names and links of the users; every conflict is raised before anything is written."""
     plan = _Plan()
-    linked = imports.links(meter, name, "user") if ready else {}
-    taken = set(meter._read(lambda db: db.execute(select(USERS.c.name)).scalars().all())) if ready else set()
+    linked = imports.links(meter, name, "user")
+    taken = set(meter._read(lambda db: db.execute(select(USERS.c.name)).scalars().all()))
     refused: list[str] = []
     for user in users:
         summary["users"]["read"] += 1
+        if abs(user.quota) > MAX_QUOTA:
+            raise ImportConflict("users.quota", f"user {user.id}: a balance of {user.quota} is beyond the ledger's "
+                                 f"{MAX_QUOTA:,} units")
         group = user.group
         if group not in meter.prices.groups:
             if policy == "refuse":
@@ -183,10 +213,8 @@ def _secret(token: SourceToken) -> str:
     return token.key if token.key.startswith("sk-") else "sk-" + token.key
 
 
-def _check_tokens(meter: Meter, tokens: list[SourceToken], name: str, ready: bool) -> None:
+def _check_tokens(meter: Meter, tokens: list[SourceToken], name: str) -> None:
     """A token whose secret another key of ours already has (not through this source's links) is a conflict."""
-    if not ready:
-        return
     linked = set(imports.links(meter, name, "token"))
     hashes = {secret_hash(_secret(t)): t.id for t in tokens if str(t.id) not in linked and t.key}
     found: list[int] = []
@@ -210,16 +238,25 @@ def _key_terms(token: SourceToken, user: SourceUser) -> dict[str, Any]:
             revoked = True  # an expiry no calendar holds: the key is kept for its history, never usable
     elif token.status == TOKEN_EXPIRED:
         revoked = True  # expired with no expiry time: nothing to carry but the status
-    # Exhausted (4) stays enabled with a limit: its room is remain_quota (<= 0: none), as in one-api.
-    limit = None if token.unlimited_quota else max(0, token.remain_quota)
+    # Exhausted (4) stays enabled with a limit: its room is remain_quota (<= 0: none), as in one-api. A room
+    # beyond the ledger's largest amount is that amount (set_key_room bounds it the same way).
+    limit = None if token.unlimited_quota else min(MAX_QUOTA, max(0, token.remain_quota))
     return {"revoked": revoked, "expires_at": expires_at, "limit_quota": limit, "models": token.models}
 
 
+def _key_name(token: SourceToken) -> str:
+    """The token's name as our key's (NULs dropped, at most 190 characters), else ``token <id>``."""
+    try:
+        return inputs.text(token.name.replace("\0", "")[:190], "name", 190)
+    except (InvalidField, AttributeError):
+        return f"token {token.id}"
+
+
 def _map_tokens(meter: Meter, tokens: list[SourceToken], users: list[SourceUser], plan: _Plan, name: str,
-                dry_run: bool, summary: dict[str, Any], ready: bool) -> None:
+                summary: dict[str, Any]) -> None:
     by_id = {u.id: u for u in users}
-    linked = imports.links(meter, name, "token") if ready else {}
-    plan.fallback.update({int(k): v for k, v in (imports.links(meter, name, "fallback_key") if ready else {}).items()})
+    linked = imports.links(meter, name, "token")
+    plan.fallback.update({int(k): v for k, v in imports.links(meter, name, "fallback_key").items()})
     for token in tokens:
         summary["keys"]["read"] += 1
         user = by_id.get(token.user_id)
@@ -227,29 +264,29 @@ def _map_tokens(meter: Meter, tokens: list[SourceToken], users: list[SourceUser]
             summary["keys"]["skipped_orphan"] += 1
             _warn(summary, f"tokens.user_id: token {token.id} belongs to no imported user: not imported")
             continue
+        existing = linked.get(str(token.id))
+        terms = _key_terms(token, user)
         try:
             imports._check_secret(_secret(token))
+            if existing is None and terms["models"] is not None:  # what create_key_from_secret would refuse
+                terms["models"] = inputs.model_names(list(terms["models"]), "tokens.models")
         except InvalidField as exc:
             summary["keys"]["skipped_invalid"] += 1
-            _warn(summary, f"tokens.key: token {token.id}: {exc.args[0] if exc.args else exc}")
+            _warn(summary, f"{'tokens.key' if exc.field == 'secret' else exc.field}: token {token.id}: "
+                           f"{exc.args[0] if exc.args else exc}")
             continue
         plan.by_name.setdefault((token.user_id, token.name), token.id)  # ids ascending: the oldest of a name wins
-        terms = _key_terms(token, user)
-        existing = linked.get(str(token.id))
         if existing is not None:
             plan.keys[token.id] = existing
             summary["keys"]["existing"] += 1
-            if terms["revoked"] and not dry_run and meter.revoke_key(existing):
+            if terms["revoked"] and meter.revoke_key(existing):
                 summary["keys"]["revoked_since"] += 1
             continue
         summary["keys"]["created"] += 1
         summary["keys"]["revoked"] += terms["revoked"]
-        if dry_run:
-            plan.keys[token.id] = None
-            continue
         plan.keys[token.id] = imports.create_key_from_secret(
-            meter, plan.users[token.user_id], token.name.replace("\0", "")[:190], _secret(token), source=name,
-            external_id=str(token.id), **terms)  # type: ignore[arg-type]
+            meter, plan.users[token.user_id], _key_name(token), _secret(token), source=name,  # type: ignore[arg-type]
+            external_id=str(token.id), **terms)
 
 
 def _fallback_key(meter: Meter, plan: _Plan, user_id: int, name: str, summary: dict[str, Any]) -> int:
@@ -284,20 +321,18 @@ def _moment(value: Any) -> Any:
     return value
 
 
-def _import_logs(meter: Meter, source: OneApiSource, plan: _Plan, name: str, dry_run: bool, batch: int,
-                 progress: Progress | None, summary: dict[str, Any], ready: bool) -> Counter[int]:
-    """Every log past the cursor: consume logs recorded (or validated), others counted; charges per source user."""
-    charges: Counter[int] = Counter()
-    start = imports.cursor(meter, name, "logs") if ready else None
-    after = max(0, (start or 0) - CURSOR_OVERLAP)
-    total, done = source.count_logs(after), 0
+def _import_logs(meter: Meter, source: OneApiSource, plan: _Plan, name: str, start: int, batch: int,
+                 progress: Progress | None, summary: dict[str, Any]) -> None:
+    """Every log past the cursor: consume logs recorded, others counted; the cursor moves to the last id read."""
+    after = max(0, start - CURSOR_OVERLAP)
+    total, done, last = source.count_logs(after), 0, start
     if progress:
         progress("logs", 0, total)
     for rows in source.logs(after, batch):
         consume = [row for row in rows if row.type == CONSUME]
         for row in rows:
             summary["by_type"][LOG_TYPES.get(row.type, f"type {row.type}")] += 1
-        known = imports.known_request_ids(meter, (_request_id(name, r) for r in consume)) if ready else set()
+        known = imports.known_request_ids(meter, (_request_id(name, r) for r in consume))
         fresh = []
         for row in consume:
             summary["logs"]["consume"] += 1
@@ -305,37 +340,26 @@ def _import_logs(meter: Meter, source: OneApiSource, plan: _Plan, name: str, dry
                 summary["logs"]["already_imported"] += 1
             else:
                 fresh.append(row)
-        if dry_run:
-            for row in fresh:
-                _one_log(meter, row, plan, name, dry_run, summary, charges)
-        else:
-            _record_logs(meter, fresh, plan, name, summary, charges)
+        _record_logs(meter, fresh, plan, name, summary)
         done += len(rows)
-        if not dry_run and (start is None or rows[-1].id > start):
-            imports.set_cursor(meter, name, "logs", rows[-1].id)
-            start = rows[-1].id
+        last = max(last, rows[-1].id)
         if progress:
             progress("logs", done, total)
     summary["logs"]["read"] = done
-    return charges
+    imports.set_cursor(meter, name, "logs", last)
 
 
 def _request_id(name: str, row: SourceLog) -> str:
     return f"oneapi:{name}:{row.id}"
 
 
-def _key_for(meter: Meter, row: SourceLog, plan: _Plan, name: str, summary: dict[str, Any],
-             dry_run: bool = False) -> int | None:
-    """Our key for a log: by token id (new-api), else by the user's token name (one-api), else the fallback.
-
-    None in a dry run (nothing is created)."""
+def _key_for(meter: Meter, row: SourceLog, plan: _Plan, name: str, summary: dict[str, Any]) -> int:
+    """Our key for a log: by token id (new-api), else by the user's token name (one-api), else the fallback."""
     token_id = row.token_id if row.token_id in plan.keys else plan.by_name.get((row.user_id, row.token_name or ""))
-    if token_id is not None and plan.keys.get(token_id) is not None:
+    if token_id is not None and token_id in plan.keys:
         return plan.keys[token_id]
-    if token_id is not None:
-        return None  # a dry run: the key is not created yet
     summary["logs"]["on_fallback_key"] += 1
-    return None if dry_run else _fallback_key(meter, plan, row.user_id, name, summary)
+    return _fallback_key(meter, plan, row.user_id, name, summary)
 
 
 def _payload(row: SourceLog, name: str) -> dict[str, Any]:
@@ -344,16 +368,14 @@ def _payload(row: SourceLog, name: str) -> dict[str, Any]:
             "token_name": row.token_name, "oneapi_quota": row.quota}
 
 
-def _record_logs(meter: Meter, rows: list[SourceLog], plan: _Plan, name: str, summary: dict[str, Any],
-                 charges: Counter[int]) -> None:
-    """Record a batch of consume logs: one transaction for the valid ones (``imports.record_usage_many``)."""
+def _record_logs(meter: Meter, rows: list[SourceLog], plan: _Plan, name: str, summary: dict[str, Any]) -> None:
+    """Record a batch of consume logs: one statement for the valid ones (``imports.record_usage_many``)."""
     batch: list[tuple[SourceLog, imports.ImportedUsage]] = []
     for row in rows:
         if row.user_id not in plan.groups:
-            _one_log(meter, row, plan, name, False, summary, charges)  # quarantined: the source lacks the user
+            _orphan_log(meter, row, name, summary)  # quarantined: the source lacks the user
             continue
         key_id = _key_for(meter, row, plan, name, summary)
-        assert key_id is not None  # users and keys exist outside a dry run
         channel = None if row.channel_id is None else f"oneapi-{row.channel_id}"
         batch.append((row, imports.ImportedUsage(
             key_id, _request_id(name, row), row.model_name, row.prompt_tokens, row.completion_tokens,
@@ -363,7 +385,7 @@ def _record_logs(meter: Meter, rows: list[SourceLog], plan: _Plan, name: str, su
         if isinstance(result, Exception):
             _count_refused(summary, result)
         else:
-            _count_imported(summary, charges, row, result.quota)
+            _count_imported(summary, row, result.quota)
 
 
 def _cached(meter: Meter, row: SourceLog, summary: dict[str, Any]) -> Any:
@@ -390,10 +412,9 @@ def _count_refused(summary: dict[str, Any], exc: Exception) -> None:
     summary["quarantine_reasons"][f"{type(exc).__name__} {quarantine.field_of(exc) or ''}".strip()] += 1
 
 
-def _count_imported(summary: dict[str, Any], charges: Counter[int], row: SourceLog, quota: int) -> None:
+def _count_imported(summary: dict[str, Any], row: SourceLog, quota: int) -> None:
     theirs = row.quota if isinstance(row.quota, int) else 0
     summary["logs"]["imported"] += 1
-    charges[row.user_id] += quota
     summary["quota"]["ours"] += quota
     summary["quota"]["one_api"] += theirs
     if quota != theirs:
@@ -401,56 +422,34 @@ def _count_imported(summary: dict[str, Any], charges: Counter[int], row: SourceL
         summary["quota"]["difference"] += quota - theirs
 
 
-def _one_log(meter: Meter, row: SourceLog, plan: _Plan, name: str, dry_run: bool, summary: dict[str, Any],
-             charges: Counter[int]) -> None:
-    request_id = _request_id(name, row)
-    payload = _payload(row, name)
-    try:
-        if row.user_id not in plan.groups:
-            missing = NotFound(f"user_id: log {row.id} names user {row.user_id!r}, which the source's users table lacks")
-            missing.field = "user_id"  # type: ignore[attr-defined]  (what the quarantine row names)
-            raise missing
-        at = _moment(row.created_at)
-        if dry_run:
-            quota = imports.check_usage(meter, row.model_name, row.prompt_tokens, row.completion_tokens, at,
-                                        plan.groups[row.user_id], _cached(meter, row, summary))
-            _key_for(meter, row, plan, name, summary, dry_run=True)  # counts the logs left to a fallback key
-        else:
-            key_id = _key_for(meter, row, plan, name, summary)
-            assert key_id is not None  # users and keys exist outside a dry run
-            channel = None if row.channel_id is None else f"oneapi-{row.channel_id}"
-            quota = imports.record_usage_for_key(
-                meter, key_id, request_id, model=row.model_name, input_tokens=row.prompt_tokens,
-                output_tokens=row.completion_tokens, at=at, channel=channel, payload=payload).quota
-    except quarantine.REJECTIONS as exc:
-        if getattr(exc, "retryable", False):
-            raise
-        if isinstance(exc, NotFound) and not dry_run:  # no user, so no key: kept here, with the same rule
-            meter._quarantine(exc, imports.QUARANTINE_SOURCE, payload, request_id=request_id, model=row.model_name)
-        _count_refused(summary, exc)
-        return
-    _count_imported(summary, charges, row, quota)
+def _orphan_log(meter: Meter, row: SourceLog, name: str, summary: dict[str, Any]) -> None:
+    """A consume log of a user the source's users table lacks: quarantined (no user, so no key to record it on)."""
+    missing = NotFound(f"user_id: log {row.id} names user {row.user_id!r}, which the source's users table lacks")
+    missing.field = "user_id"  # type: ignore[attr-defined]  (what the quarantine row names)
+    meter._quarantine(missing, imports.QUARANTINE_SOURCE, _payload(row, name), request_id=_request_id(name, row),
+                      model=row.model_name)
+    _count_refused(summary, missing)
 
 
 # ---------------------------------------------------------------------- balances
 
 
-def _sync_balances(meter: Meter, users: list[SourceUser], plan: _Plan, name: str, dry_run: bool, sync: bool,
-                   charges: Counter[int], summary: dict[str, Any]) -> None:
+def _sync_balances(meter: Meter, users: list[SourceUser], plan: _Plan, name: str, sync: bool,
+                   summary: dict[str, Any]) -> None:
     """Bring each imported user's balance to one-api's ``users.quota`` with one adjustment (docs: "Balances")."""
     for user in users:
-        if user.id not in plan.groups:
-            continue
         our_id = plan.users.get(user.id)
-        ours = (meter.balance(our_id) if our_id is not None else 0) - (charges[user.id] if dry_run else 0)
+        if user.id not in plan.groups or our_id is None:
+            continue
+        ours = meter.balance(our_id)
         if ours == user.quota:
             continue
-        summary["balances"]["to_adjust" if dry_run or not sync else "adjusted"] += 1
+        summary["balances"]["adjusted" if sync else "to_adjust"] += 1
         summary["balances"]["adjustment_total"] += user.quota - ours
-        if dry_run or not sync:
+        if not sync:
             continue
         reference = f"oneapi:{name}:balance:{user.id}:{ours}:{user.quota}"
-        meter.adjust(our_id, user.quota - ours, reference,  # type: ignore[arg-type]
+        meter.adjust(our_id, user.quota - ours, reference,
                      f"one-api import {name}: balance brought to users.quota ({user.quota}) of user {user.id}")
 
 

@@ -32,8 +32,15 @@ NAME_MAX_CHARS = 190
 #: MariaDB (INT), so no row has a larger one; handed to a driver, a larger number is an error ("integer out
 #: of range" on PostgreSQL, an overflow past 64 bits on SQLite), not "no such row".
 MAX_ROW_ID = 2**31 - 1
+#: The largest value of a BIGINT column (quota, counters, cursors): a signed 64-bit integer.
+MAX_BIGINT = 2**63 - 1
 #: Body fields that bound the output, in the order they are read (the newer name first).
 MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
+#: A key's allowed models: at most this many names, each at most ``MODEL_MAX_CHARS`` (the events' model column),
+#: and their stored JSON at most ``MODELS_MAX_CHARS`` (MariaDB's TEXT column holds 65,535 bytes).
+MAX_MODELS = 1_000
+MODEL_MAX_CHARS = 190
+MODELS_MAX_CHARS = 60_000
 
 
 def identifier(value: Any, field: str, max_chars: int = IDENTIFIER_MAX_CHARS) -> str:
@@ -49,9 +56,7 @@ def identifier(value: Any, field: str, max_chars: int = IDENTIFIER_MAX_CHARS) ->
         raise InvalidField(field, "must be non-empty, without leading or trailing spaces")
     if len(value) > max_chars:
         raise InvalidField(field, f"must be at most {max_chars} characters, got {len(value)}")
-    for position, char in enumerate(value):
-        if char == "\0" or unicodedata.category(char) == "Cs":
-            raise InvalidField(field, f"U+{ord(char):04X} at position {position} cannot be stored (NUL or a lone surrogate)")
+    _storable(value, field)
     return value
 
 
@@ -61,38 +66,100 @@ def text(value: Any, field: str, max_chars: int = 10_000) -> str:
         raise InvalidField(field, f"expected text, got {type(value).__name__}")
     if len(value) > max_chars:
         raise InvalidField(field, f"at most {max_chars} characters, got {len(value)}")
+    _storable(value, field)
+    return value
+
+
+def _storable(value: str, field: str) -> None:
+    """No NUL (PostgreSQL cannot store it) and no lone surrogate (not UTF-8); ASCII text is checked at once."""
+    if value.isascii() and "\0" not in value:  # str.isascii is O(1): the common case skips the walk
+        return
     for position, char in enumerate(value):
         if char == "\0" or unicodedata.category(char) == "Cs":
             raise InvalidField(field, f"U+{ord(char):04X} at position {position} cannot be stored (NUL or a lone surrogate)")
+
+
+def integer(value: Any, field: str, low: int, high: int) -> int:
+    """An ``int`` (not a bool, not a float, not text) from ``low`` to ``high``; else ``InvalidField``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidField(field, f"must be an integer from {low} to {high}, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidField(field, f"must be an integer from {low} to {high}")
     return value
 
 
 def row_id(value: Any, field: str) -> int:
-    """A user's, key's or other row's id (an integer, or its ASCII digits) from 1 to ``MAX_ROW_ID``; else
-    ``InvalidField``. Digits are measured before they are converted: 5,000 of them are refused, not parsed."""
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        if len(value.lstrip("0")) > len(str(MAX_ROW_ID)):
-            raise InvalidField(field, f"must be an id from 1 to {MAX_ROW_ID}")
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidField(field, f"must be an integer id, got {type(value).__name__}")
-    if not 1 <= value <= MAX_ROW_ID:
+    """The id of a row (a user, key, hold...): an ``int`` from 1 to ``MAX_ROW_ID``; else ``InvalidField``.
+
+    A well-formed id of no row is the caller's ``NotFound``, not this check's."""
+    return integer(value, field, 1, MAX_ROW_ID)
+
+
+def digits_id(value: str, field: str) -> int:
+    """A row id typed as ASCII digits (a command line's argument): measured before it is converted, so 5,000
+    digits are refused, not parsed; then ``row_id``."""
+    if not (value.isascii() and value.isdigit()) or len(value.lstrip("0")) > len(str(MAX_ROW_ID)):
         raise InvalidField(field, f"must be an id from 1 to {MAX_ROW_ID}")
-    return value
+    return row_id(int(value), field)
 
 
 def user_ref(value: Any, field: str) -> int | str:
     """A user given by id (an int, or ASCII digits: a user name is never only digits) or by name: the id
     (``row_id``) or the name (text a name column can hold); else ``InvalidField``."""
-    if isinstance(value, int) or (isinstance(value, str) and value.isascii() and value.isdigit()):
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return digits_id(value, field)
+    if isinstance(value, int) and not isinstance(value, bool):
         return row_id(value, field)
     return text(value, field, NAME_MAX_CHARS)
 
 
-def event_time(at: Any, field: str = "at", *, now: datetime | None = None) -> datetime:
-    """``at`` as an aware datetime between 2000 and a year from now (None: now); else ``InvalidField``."""
+def flag(value: Any, field: str) -> bool:
+    """A ``bool`` (not 0/1, not text); else ``InvalidField``."""
+    if not isinstance(value, bool):
+        raise InvalidField(field, f"must be True or False, got {type(value).__name__}")
+    return value
+
+
+def choice(value: Any, field: str, allowed: tuple[str, ...]) -> str:
+    """One of ``allowed`` (compared as text, exactly); else ``InvalidField`` listing them."""
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidField(field, f"must be one of {', '.join(allowed)}")
+    return value
+
+
+def model_names(value: Any, field: str = "models") -> list[str]:
+    """A key's allowed models: a list or tuple of model names, as the sorted, de-duplicated list stored.
+
+    Each name is non-empty text without spaces around it (``identifier``, at most ``MODEL_MAX_CHARS``); at
+    least one and at most ``MAX_MODELS`` names (None, not an empty list, allows every model). A bare string
+    is refused: it would be read as a list of its characters.
+    """
+    if not isinstance(value, (list, tuple)):
+        raise InvalidField(field, f"must be a list of model names (None allows every model), got {type(value).__name__}")
+    if not value:
+        raise InvalidField(field, "must name at least one model (None allows every model)")
+    if len(value) > MAX_MODELS:
+        raise InvalidField(field, f"must name at most {MAX_MODELS} models, got {len(value)}")
+    names = sorted({identifier(name, f"{field}[{index}]", MODEL_MAX_CHARS) for index, name in enumerate(value)})
+    if sum(len(name) + 4 for name in names) > MODELS_MAX_CHARS:  # a bound on the stored JSON (see MODELS_MAX_CHARS)
+        raise InvalidField(field, f"the names are more than the {MODELS_MAX_CHARS:,} characters a key can store")
+    return names
+
+
+def duration(value: Any, field: str, longest: timedelta) -> timedelta:
+    """A ``timedelta`` from zero to ``longest``; else ``InvalidField``."""
+    if not isinstance(value, timedelta):
+        raise InvalidField(field, f"must be a timedelta, got {type(value).__name__}")
+    if not timedelta(0) <= value <= longest:
+        raise InvalidField(field, f"must be from zero to {longest}")
+    return value
+
+
+def event_time(at: Any, field: str = "at", *, now: datetime | None = None, required: bool = False) -> datetime:
+    """``at`` as an aware datetime between 2000 and a year from now (None: now, unless ``required``); else
+    ``InvalidField``."""
     current = now or datetime.now(timezone.utc)
-    if at is None:
+    if at is None and not required:
         return current
     if not isinstance(at, datetime):
         raise InvalidField(field, f"must be a datetime with a time zone, got {type(at).__name__}")
@@ -150,6 +217,7 @@ def max_output_tokens(body: dict[str, Any]) -> int | None:
 
 
 __all__ = [
-    "CHANNEL_MAX_CHARS", "EARLIEST", "IDENTIFIER_MAX_CHARS", "MAX_AHEAD", "MAX_ROW_ID", "NAME_MAX_CHARS", "event_time",
-    "identifier", "max_output_tokens", "naive_utc", "request_body", "row_id", "text", "user_ref",
+    "CHANNEL_MAX_CHARS", "EARLIEST", "IDENTIFIER_MAX_CHARS", "MAX_AHEAD", "MAX_BIGINT", "MAX_MODELS", "MAX_ROW_ID", "MODEL_MAX_CHARS",
+    "MODELS_MAX_CHARS", "NAME_MAX_CHARS", "choice", "digits_id", "duration", "event_time", "flag", "identifier",
+    "integer", "max_output_tokens", "model_names", "naive_utc", "request_body", "row_id", "text", "user_ref",
 ]
