@@ -363,7 +363,8 @@ def test_the_ledger_api_raises_typed_errors_for_ids_no_database_can_hold(meter: 
     with pytest.raises(NotFound):
         meter.user(MAX_ROW_ID)
     assert meter.find_user(str(uid)) == meter.find_user("alice") == uid
-    assert meter.revoke_key(MAX_ROW_ID) is False  # no such key: nothing revoked
+    with pytest.raises(NotFound):
+        meter.revoke_key(MAX_ROW_ID)  # no such key
 
 
 # ---------------------------------------------------------------------- --db in a missing directory

@@ -513,6 +513,8 @@ class Meter:
         is refused (``KeyRejected``, 401) and an empty balance (``available`` <= 0) answered 429 before any
         body byte is read. ``authorize`` checks all of it again.
         """
+        if model is not None:
+            inputs.identifier(model, "model", inputs.MODEL_MAX_CHARS)
         key = self._read(lambda db: self._key(db, secret, model))
         return KeyCheck(key["user_id"], key["id"], key["price_group"], _available(key))
 
@@ -667,6 +669,7 @@ class Meter:
     def estimate(self, body: dict[str, Any], model: str, group: str, at: datetime) -> HoldEstimate:
         """The worst case of a request in quota (metering/worst_case.py): the whole prompt, every choice at its
         output budget (max_completion_tokens / max_tokens, else the model's maximum), server tools' uses."""
+        inputs.request_body(body)
         inputs.text(model, "model", inputs.MODEL_MAX_CHARS)
         inputs.text(group, "group", 64)
         inputs.event_time(at, "at", required=True)
@@ -721,8 +724,8 @@ class Meter:
                 return self._ticket_for_retry(existing, key)
             # Cheap checks before the body is counted: a user who cannot afford even the least this request
             # can cost is refused without encoding it (the TAKE below re-checks under the lock either way).
-            worst = self._worst_case(request_body, model, moment)
             size = scan_body(request_body)  # RequestError naming the path: NaN, a lone surrogate, too deep
+            worst = self._worst_case(request_body, model, moment)
             if size.chars >= PRECHECK_MIN_CHARS:
                 floor, available = self._floor(request_body, model, key["price_group"], moment, worst, size), _available(key)
                 if floor > available:
@@ -827,7 +830,7 @@ class Meter:
         """
         if not isinstance(hold, HoldTicket):
             raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
-        current = _naive_utc(now)
+        current = _naive_utc(inputs.event_time(now, "now"))
         limit = None if hold.keep_until is None else _naive_utc(hold.keep_until, "keep_until")
         until = current + self.hold_ttl if limit is None else min(current + self.hold_ttl, limit)
         query = select(HOLDS.c.status, HOLDS.c.expires_at).where(HOLDS.c.id == hold.id)
