@@ -14,6 +14,7 @@ SQLite; the cases that touch the ledger (hang-ups, keep-alive) run on PostgreSQL
   answer) is one INFO line naming the request, no ERROR and no traceback; the hold is released when
   nothing was served, and the request charged for what was delivered otherwise.
 * A hold is kept alive while the upstream call outlasts the hold's TTL, and no longer.
+* bench/bench_relay_body.py --quick: a 64 MB chunked body is refused quickly, the relay's RSS flat.
 
 Figures: the 32 MiB default limit is Anthropic's documented Messages API maximum
 (https://docs.claude.com/en/api/errors, "Request size limits"); the error types are each provider's
@@ -29,6 +30,8 @@ import logging
 import re
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -63,6 +66,7 @@ TOPUP_UNITS = 50_000_000
 PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 MODELS = {"openai": "gpt-4o", "anthropic": "claude-sonnet-4"}
 REQUEST_ID = re.compile(r"relay-[0-9a-f]{32}")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -548,3 +552,20 @@ def test_keep_alives_stop_when_the_hold_is_released(tmp_path: Path) -> None:
         seen = len(CountingMeter.calls)
         time.sleep(0.6)
         assert len(CountingMeter.calls) == seen
+
+
+# ---------------------------------------------------------------------------------------------- the memory bench
+
+
+def test_the_body_bench_quick_mode_answers_413_quickly_with_a_flat_rss() -> None:
+    """bench/bench_relay_body.py --quick: a 64 MB chunked body against a relay limited to 1 MiB, in its
+    own process. The bench exits 1 when its own checks fail; the figures are read back here too."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_relay_body.py"), "--quick", "--json-only"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    [big] = [r for r in result["bodies"] if r["kind"] == "chunked"]
+    assert big["status"] == 413 and big["body_bytes"] == 64 * 1000 * 1000
+    assert big["seconds"] < 5.0 and big["client_sent_bytes"] < 32 * 1024 * 1024
+    assert big["peak_rss_growth_bytes"] < result["rss_bound_bytes"]
+    assert result["ok"] is True
