@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -159,6 +160,7 @@ def main() -> int:
         upstream.terminate()
         relay.join(10)
         upstream.join(10)
+        shutil.rmtree(workdir, ignore_errors=True)
     client_peak = _status("self")["VmHWM"]
 
     say(f"relay limit {limit or 'default'} bytes; baseline after {WARM_REQUESTS} small requests: "
