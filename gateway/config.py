@@ -14,6 +14,8 @@ It is data, read from YAML (``load_config``) or built in code::
         api_key_env: ANTHROPIC_API_KEY
     connect_timeout_seconds: 10
     read_timeout_seconds: 300
+    max_body_bytes: 33554432       # 32 MiB: a larger request body is answered 413 as soon as it passes that
+    body_timeout_seconds: 30       # the longest a client may take to send its whole body (408 after)
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pricing.yaml_source import YamlDocument, load_yaml, read_yaml_file
 
 Provider = Literal["openai", "anthropic"]
+#: The largest request body the relay reads: the providers' own limit (Anthropic's Messages API: 32 MB,
+#: https://docs.claude.com/en/api/errors, "Request size limits"); images in base64 make big bodies.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+#: The longest a client may take to send its whole body: a client that trickles or stalls it holds a
+#: connection and a worker for nothing. 32 MiB in 30 s needs about 9 Mbit/s; raise it for slow links.
+DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
 
 
 class ConfigError(ValueError):
@@ -88,6 +96,9 @@ class GatewayConfig(BaseModel):
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Longest wait for the upstream's first byte and between two chunks of its answer.
     read_timeout_seconds: float = Field(default=300.0, gt=0)
+    #: Largest request body read (413 past it); the longest wait for the whole body (408 past it).
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
+    body_timeout_seconds: float = Field(default=DEFAULT_BODY_TIMEOUT_SECONDS, gt=0)
 
     @field_validator("upstreams")
     @classmethod

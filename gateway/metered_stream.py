@@ -2,10 +2,11 @@
 
 Billing rule: a chunk is fed to the stream accumulator only after it was handed to the client's
 connection. When the client hangs up, the pump stops at once (the upstream call is closed, so the
-upstream stops generating) and the request is settled for what was delivered. When the upstream breaks
-off, the client gets an error event in its provider's format; that text is the relay's, never fed to the
-accumulator, so it is never billed. The settle runs shielded: a server shutting down mid-stream still
-settles what it served.
+upstream stops generating) and the request is settled for what was delivered (one INFO line says so).
+When the upstream breaks off, the client gets an error event in its provider's format; that text is the
+relay's, never fed to the accumulator, so it is never billed. A stream that ends before one upstream byte
+reached the client served nothing: its hold is released. The settle (or release) runs shielded: a server
+shutting down mid-stream still settles what it served. The hold is kept alive until then.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 import httpx2
 from starlette.responses import Response
 
+from gateway.client_watch import client_gone
+from gateway.hold_keeper import HoldKeeper
 from gateway.provider_errors import Dialect, stream_error_event
-from gateway.settling import settle_after_answer
+from gateway.settling import release_quietly, settle_after_answer
 from gateway.usage_chunk import UsageChunkFilter
 from metering.ledger import HoldTicket, Meter
 from metering.streams import StreamAccumulator
@@ -32,22 +35,26 @@ class MeteredStream(Response):
     """An ASGI response relaying one upstream SSE answer and settling its hold when it ends."""
 
     def __init__(
-        self, meter: Meter, hold: HoldTicket, upstream: httpx2.Response, channel: str, dialect: Dialect,
-        hide_usage_chunk: bool, request_id_header: tuple[bytes, bytes],
+        self, meter: Meter, hold: HoldTicket, keeper: HoldKeeper, upstream: httpx2.Response, channel: str,
+        dialect: Dialect, hide_usage_chunk: bool, request_id_header: tuple[bytes, bytes],
     ) -> None:
         # Not Response.__init__: there is no body to render, the bytes come from the upstream as they arrive.
         self.status_code, self.background = 200, None
-        self.meter, self.hold, self.upstream, self.channel, self.dialect = meter, hold, upstream, channel, dialect
+        self.meter, self.hold, self.keeper, self.upstream = meter, hold, keeper, upstream
+        self.channel, self.dialect = channel, dialect
         self.filter = UsageChunkFilter() if hide_usage_chunk else None
         self.start_headers = [*STREAM_HEADERS, request_id_header]
         self.accumulator: StreamAccumulator = meter.accumulator(hold)
+        self.delivered = 0  # upstream bytes handed to the client's connection (and fed to the accumulator)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # type: ignore[override]
         pump = asyncio.ensure_future(self._pump(send))
-        watcher = asyncio.ensure_future(_client_gone(receive))
+        watcher = asyncio.ensure_future(client_gone(receive))
+        hung_up = False
         try:
             await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not pump.done():  # the client hung up: stop relaying (and the upstream call, in _finish)
+                hung_up = True
                 pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
         finally:
@@ -55,7 +62,10 @@ class MeteredStream(Response):
             if not pump.done():  # the server itself is cancelling this request: stop relaying, still settle
                 pump.cancel()
                 await asyncio.gather(pump, return_exceptions=True)
-            await asyncio.shield(self._finish())
+            outcome = await asyncio.shield(self._finish())
+        if hung_up:
+            log.info("request %s: the client hung up mid-stream after %d bytes; %s", self.hold.request_id,
+                     self.delivered, outcome)
 
     async def _pump(self, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.start_headers})
@@ -63,6 +73,7 @@ class MeteredStream(Response):
             async for raw in self.upstream.aiter_raw():
                 await self._deliver(send, self.filter.feed(raw) if self.filter else raw)
                 self.accumulator.feed(raw)  # after the client got it: what is billed is what was delivered
+                self.delivered += len(raw)
             if self.filter:
                 await self._deliver(send, self.filter.flush())
         except httpx2.HTTPError as exc:  # the upstream broke off (reset, incomplete body, read timeout)
@@ -77,15 +88,16 @@ class MeteredStream(Response):
         if data:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
-    async def _finish(self) -> None:
-        await self.upstream.aclose()
-        await settle_after_answer(
-            lambda: self.meter.asettle(self.hold, stream=self.accumulator, channel=self.channel), self.hold.request_id)
-
-
-async def _client_gone(receive: Any) -> None:
-    """Returns when the client disconnects (the request body has already been read by then)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+    async def _finish(self) -> str:
+        """Settle for what was delivered (release when nothing was); what was done, for the log."""
+        try:
+            await self.upstream.aclose()
+            if not self.delivered:
+                await release_quietly(self.meter, self.hold)
+                return "nothing was delivered: hold released"
+            settled = await settle_after_answer(
+                lambda: self.meter.asettle(self.hold, stream=self.accumulator, channel=self.channel),
+                self.hold.request_id)
+            return "charged for what was delivered" if not isinstance(settled, str) else "settling failed (logged)"
+        finally:
+            self.keeper.stop()

@@ -3,12 +3,15 @@
 Each kind maps to one HTTP status and, per format, the error ``type`` (and OpenAI's ``code``) a client
 of that provider switches on. Anthropic has no ``insufficient_quota``: its own word for an account out of
 credit is ``billing_error``; the status stays 429, as one-api answers, so both SDKs raise their
-rate-limit error class and clients that back off on 429 do.
+rate-limit error class and clients that back off on 429 do. A body too large is Anthropic's own
+``request_too_large`` (413); a body sent too slowly is 408 with ``invalid_request_error``, the type Anthropic
+documents for "other 4XX status codes" (https://docs.claude.com/en/api/errors).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +36,8 @@ ERRORS: dict[str, ErrorKind] = {
     "insufficient_quota": ErrorKind(429, "insufficient_quota", "insufficient_quota", "billing_error"),
     "model_not_found": ErrorKind(404, "invalid_request_error", "model_not_found", "not_found_error"),
     "invalid_request": ErrorKind(400, "invalid_request_error", None, "invalid_request_error"),
+    "request_too_large": ErrorKind(413, "invalid_request_error", "request_too_large", "request_too_large"),
+    "request_timeout": ErrorKind(408, "invalid_request_error", "request_timeout", "invalid_request_error"),
     "ledger_busy": ErrorKind(503, "server_error", "ledger_busy", "api_error"),
     "upstream_unavailable": ErrorKind(502, "server_error", "upstream_unavailable", "api_error"),
     "upstream_rejected_gateway": ErrorKind(502, "server_error", "upstream_auth_failed", "api_error"),
@@ -49,10 +54,11 @@ def error_body(dialect: Dialect, kind: str, message: str, *, param: str | None =
     return {"error": {"message": message, "type": spec.openai_type, "param": param, "code": spec.openai_code}}
 
 
-def error_response(dialect: Dialect, kind: str, message: str, *, param: str | None = None) -> Response:
-    """A JSON response carrying ``error_body`` with ``kind``'s status."""
+def error_response(dialect: Dialect, kind: str, message: str, *, param: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON response carrying ``error_body`` with ``kind``'s status (and ``headers``)."""
     body = json.dumps(error_body(dialect, kind, message, param=param), ensure_ascii=False).encode()
-    return Response(body, status_code=ERRORS[kind].status, media_type="application/json")
+    return Response(body, status_code=ERRORS[kind].status, media_type="application/json", headers=headers)
 
 
 def stream_error_event(dialect: Dialect, kind: str, message: str) -> bytes:

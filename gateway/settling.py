@@ -1,4 +1,4 @@
-"""Settling after the answer went out: retried while the ledger is busy, never raised to the client.
+"""Settling after the answer went out (retried while the ledger is busy, never raised to the client); releasing.
 
 By then the client has its answer, so a failure can only be logged. ``LedgerBusy`` (a lock wait, a
 dropped connection) is retried with the same hold: ``settle`` is idempotent per request id, so a retry
@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from metering.ledger import Receipt
+from metering.ledger import HoldTicket, Meter, Receipt
 from metering.ledger.errors import LedgerBusy
 
 log = logging.getLogger("gateway.settle")
@@ -36,3 +36,11 @@ async def settle_after_answer(settle: Callable[[], Awaitable[Receipt]], request_
             break
     log.error("settling request %s failed (%s); its hold expires after the TTL", request_id, reason)
     return reason
+
+
+async def release_quietly(meter: Meter, hold: HoldTicket) -> None:
+    """Release ``hold`` (nothing was served); a failure is logged: the hold then expires after its TTL."""
+    try:
+        await meter.arelease(hold)
+    except Exception as exc:  # noqa: BLE001 (released all the same, by the expiry)
+        log.error("releasing hold of %s failed (%s); it will expire", hold.request_id, exc)

@@ -1,9 +1,11 @@
-"""Open the upstream call: the main address, then the backup on connect failure, timeout or HTTP 524.
+"""Open the upstream call: the main address, then the backup on a connection failure, timeout or HTTP 524.
 
 524 is Cloudflare's "a timeout occurred": the CDN in front of the main address gave up on the origin.
 Providers and resellers document a backup address without the CDN for exactly that case. Nothing has
 reached the client when the backup is tried, so trying it is safe for billing: one hold, one settle.
-Other answers (4xx, 5xx but 524) come from the upstream itself and are passed on, never retried here.
+A 524 from the last address is no answer either (an HTML page of the CDN, in neither provider's format):
+``UpstreamUnavailable``, like a connection that failed. Other answers (4xx, 5xx but 524) come from the
+upstream itself and are passed on, never retried here.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ FAILOVER_STATUSES = frozenset({524})
 
 
 class UpstreamUnavailable(Exception):
-    """Every address of the upstream failed to answer (connect error, timeout or 524)."""
+    """Every address of the upstream failed to answer (connection error, timeout or 524)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,15 +49,16 @@ async def open_upstream(
         request = client.build_request("POST", base_url + dialect.path, json=body, headers=headers)
         try:
             response = await client.send(request, stream=True)
-        except (httpx2.ConnectError, httpx2.TimeoutException, httpx2.RemoteProtocolError) as exc:
+        except httpx2.TransportError as exc:  # refused, reset, timed out, broken framing: no answer came
             failures.append(f"{channel}: {type(exc).__name__}")
             log.warning("upstream %s failed (%s); %s", channel, type(exc).__name__,
                         "trying the backup" if attempt < len(addresses) else "no backup left")
             continue
-        if response.status_code in FAILOVER_STATUSES and attempt < len(addresses):
+        if response.status_code in FAILOVER_STATUSES:
             await response.aclose()
             failures.append(f"{channel}: HTTP {response.status_code}")
-            log.warning("upstream %s answered %s; trying the backup", channel, response.status_code)
+            log.warning("upstream %s answered %s; %s", channel, response.status_code,
+                        "trying the backup" if attempt < len(addresses) else "no backup left")
             continue
         return Opened(response, channel)
     raise UpstreamUnavailable("; ".join(failures))

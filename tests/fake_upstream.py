@@ -37,6 +37,8 @@ empty); several can be combined with ``+`` (``"prompt_offset:7+hang:0.2"``):
 * ``prompt_offset:K`` - report K more input tokens than our own count (an upstream that counts otherwise);
 * ``reasoning:K`` - OpenAI: K reasoning tokens, reported in completion_tokens and its details;
 * ``slow:S`` - stream: wait S seconds before each delta (time-to-first-token / pass-through tests).
+* ``stall:S`` - non-stream: the headers and half the body, then S seconds before the rest (a client that
+  disconnects meanwhile: the rest is not sent, and the entry's outcome is ``disconnected``).
 
 ``reported`` gets one entry per answered request (none for an error status or a hang the client gave up
 on), appended before the last byte is sent: ``provider``, ``request_id`` (the body's id), ``model`` (as
@@ -190,6 +192,7 @@ class Mode:
     prompt_offset: int = 0
     reasoning: int = 0
     slow: float = 0.0
+    stall: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> Mode:
@@ -203,7 +206,7 @@ class Mode:
                     fields["status"] = int(arg)
                     if not 400 <= fields["status"] <= 599:
                         raise ValueError("an error status is 400 to 599")
-                elif name in ("hang", "slow"):
+                elif name in ("hang", "slow", "stall"):
                     fields[name] = float(arg)
                 elif name in ("cut", "error_event", "prompt_offset", "reasoning"):
                     fields[name] = int(arg)
@@ -780,6 +783,18 @@ class _Call:
                              "usage": None, "finish_reason": None})
             await self.send({"type": "http.response.start", "status": 200, "headers": headers})
             await self.send({"type": "http.response.body", "body": data[: len(data) // 2], "more_body": True})
+            return
+        if self.mode.stall:  # half the body, a pause (the client may leave), then the rest
+            await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+            await self.send({"type": "http.response.body", "body": data[: len(data) // 2], "more_body": True})
+            try:
+                await asyncio.wait_for(self.disconnected(), self.mode.stall)
+                self.up._report({**entry, "outcome": "disconnected"})
+                return
+            except TimeoutError:
+                pass
+            self.up._report(entry)
+            await self.send({"type": "http.response.body", "body": data[len(data) // 2 :]})
             return
         self.up._report(entry)
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})

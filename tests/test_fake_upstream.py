@@ -543,6 +543,19 @@ def test_hang_and_client_timeout(up: FakeUpstream) -> None:
     assert len(up.reported) == 1
 
 
+def test_stall_sends_half_the_answer_then_waits(up: FakeUpstream) -> None:
+    up.behave("stall:0.3")
+    started = time.perf_counter()
+    reply = oai(up).chat.completions.create(model=GPT, messages=HELLO)
+    assert reply.choices[0].message.content and 0.3 <= time.perf_counter() - started < 2
+    assert up.reported[-1]["outcome"] == "ok"
+    up.behave("stall:5")
+    with pytest.raises(anthropic.APITimeoutError):  # the headers came at once, the rest of the body did not
+        ant(up, timeout=0.3).messages.create(model=CLAUDE, max_tokens=50, messages=HELLO)
+    up.wait_reported(2)
+    assert up.reported[-1]["outcome"] == "disconnected"
+
+
 def test_slow_stream_delivers_deltas_over_time(up: FakeUpstream) -> None:
     up.behave("slow:0.05")
     client = oai(up)
