@@ -5,8 +5,9 @@ connection. When the client hangs up, the pump stops at once (the upstream call 
 upstream stops generating) and the request is settled for what was delivered (one INFO line says so).
 When the upstream breaks off, the client gets an error event in its provider's format; that text is the
 relay's, never fed to the accumulator, so it is never billed. A stream that ends before one upstream byte
-reached the client served nothing: its hold is released. The settle (or release) runs shielded: a server
-shutting down mid-stream still settles what it served. The hold is kept alive until then.
+reached the client is charged its prompt: the upstream accepted the request (it answered 200), so it saw
+the prompt. The settle runs shielded: a server shutting down mid-stream still settles what it served.
+The hold is kept alive until then.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.responses import Response
 from gateway.client_watch import client_gone
 from gateway.hold_keeper import HoldKeeper
 from gateway.provider_errors import Dialect, stream_error_event
-from gateway.settling import release_quietly, settle_after_answer
+from gateway.settling import settle_after_answer
 from gateway.usage_chunk import UsageChunkFilter
 from metering.ledger import HoldTicket, Meter
 from metering.streams import StreamAccumulator
@@ -89,12 +90,9 @@ class MeteredStream(Response):
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _finish(self) -> str:
-        """Settle for what was delivered (release when nothing was); what was done, for the log."""
+        """Settle for what was delivered (the prompt at least); what was done, for the log."""
         try:
             await self.upstream.aclose()
-            if not self.delivered:
-                await release_quietly(self.meter, self.hold)
-                return "nothing was delivered: hold released"
             settled = await settle_after_answer(
                 lambda: self.meter.asettle(self.hold, stream=self.accumulator, channel=self.channel),
                 self.hold.request_id)

@@ -177,7 +177,7 @@ class Relay:
             await release_quietly(self.meter, hold)
             return error_response(spec.name, "upstream_unavailable", f"the upstream answer broke off ({type(exc).__name__})")
         except ClientGone:
-            return await self._client_left(hold, "while the upstream's answer was being read")
+            return await self._client_left_after_answer(hold, channel, keeper)
         finally:
             await response.aclose()
         try:
@@ -207,9 +207,21 @@ class Relay:
         return Response(content, status_code=status, media_type=media)  # the provider's own error, in its format
 
     async def _client_left(self, hold: HoldTicket, moment: str) -> Response:
-        """A client gone before anything was served: the hold released, one INFO line."""
+        """A client gone before the upstream answered: the hold released, one INFO line."""
         await release_quietly(self.meter, hold)
         log.info("request %s: the client hung up %s; upstream call closed, hold released", hold.request_id, moment)
+        return gone_response()
+
+    async def _client_left_after_answer(self, hold: HoldTicket, channel: str, keeper: HoldKeeper) -> Response:
+        """A client gone while an accepted answer was read: the upstream saw the prompt, so the prompt is
+        charged (a cut stream's rule: never less than the prompt the provider saw), nothing of the output."""
+        try:
+            await settle_after_answer(
+                lambda: self.meter.asettle(hold, stream=self.meter.accumulator(hold), channel=channel), hold.request_id)
+        finally:
+            keeper.stop()
+        log.info("request %s: the client hung up while the upstream's answer was being read; upstream call closed, "
+                 "charged for the prompt the upstream saw", hold.request_id)
         return gone_response()
 
 

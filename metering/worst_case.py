@@ -276,8 +276,10 @@ def scan_body(body: Any) -> BodySize:
             if depth >= MAX_BODY_DEPTH:
                 raise _fault(body, f"nests deeper than {MAX_BODY_DEPTH} levels")
             for key, item in value.items():
-                if type(key) is not str or (not key.isascii() and not _utf8(key)):
-                    raise _fault(body, "has an object key that is not UTF-8 text")
+                if type(key) is not str:
+                    raise _fault(body, "has an object key that is not text")
+                if not key.isascii() and not _utf8(key):
+                    raise _fault(body, "has an object key that is not UTF-8 text (a lone surrogate)")
                 inside = key in PROMPT_FIELDS if depth == 0 else text and key not in NOT_TEXT_KEYS
                 stack.append((item, depth + 1, inside))
         elif kind is list:

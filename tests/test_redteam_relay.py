@@ -11,8 +11,9 @@ SQLite; the cases that touch the ledger (hang-ups, keep-alive) run on PostgreSQL
   it was billed (its last value).
 * Both upstream addresses failing (524, refused, timed out) is the documented 502, the hold released.
 * A client that hangs up (sending its body, waiting for the upstream, mid-stream, during a non-streamed
-  answer) is one INFO line naming the request, no ERROR and no traceback; the hold is released when
-  nothing was served, and the request charged for what was delivered otherwise.
+  answer) is one INFO line naming the request, no ERROR and no traceback; the hold is released when the
+  upstream had not answered, and once it answered 200 the request is charged the prompt it saw and what was
+  delivered.
 * A hold is kept alive while the upstream call outlasts the hold's TTL, and no longer.
 * bench/bench_relay_body.py --quick: a 64 MB chunked body is refused quickly, the relay's RSS flat.
 
@@ -468,14 +469,17 @@ def test_a_client_that_hangs_up_is_one_info_line_and_the_ledger_is_right(
         _no_trouble(caplog)
         caplog.clear()
 
-        # 3. During a non-streamed answer (the upstream sent half of it, then stalls): released.
+        # 3. During a non-streamed answer (the upstream answered 200, sent half of it, then stalls): the upstream
+        # saw the prompt, so the prompt is charged (as a cut stream's), none of the output.
         stack.upstream.behave("stall:1.0")
         _hang_up_once_upstream_has_it(stack, "anthropic", seconds_after=0.2)  # its headers came at once
         line = _hang_up_line(caplog).getMessage()
         holds = stack.wait_resolved(2)
-        assert "answer was being read" in line and holds[1]["request_id"] in line and holds[1]["status"] == "released"
+        assert "answer was being read" in line and holds[1]["request_id"] in line and holds[1]["status"] == "settled"
         assert [r["outcome"] for r in stack.upstream.wait_reported(1)] == ["disconnected"]
-        assert stack.events() == []
+        [event] = stack.events()
+        assert (event["request_id"], event["outcome"], event["output_tokens"]) == (holds[1]["request_id"], "aborted", 0)
+        assert event["input_tokens"] == holds[1]["prompt_tokens"] > 0
         _no_trouble(caplog)
         caplog.clear()
 
@@ -493,12 +497,12 @@ def test_a_client_that_hangs_up_is_one_info_line_and_the_ledger_is_right(
         line = _hang_up_line(caplog).getMessage()
         holds = stack.wait_resolved(3)
         assert "mid-stream" in line and "charged for what was delivered" in line and holds[2]["request_id"] in line
-        [event] = stack.events()
+        event = stack.events()[1]
         assert event["request_id"] == holds[2]["request_id"] and event["outcome"] == "aborted"
         assert holds[2]["status"] == "settled" and 0 < event["quota"] < holds[2]["amount"]
         assert stack.upstream.wait_reported(2)[1]["outcome"] == "disconnected"  # the upstream stopped generating
         _no_trouble(caplog)
-        assert stack.meter.balance(stack.user_id) == TOPUP_UNITS - event["quota"]
+        assert stack.meter.balance(stack.user_id) == TOPUP_UNITS - sum(e["quota"] for e in stack.events())
         assert stack.meter.audit().ok
 
 
