@@ -18,9 +18,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The fault harness on its heavy seed set and the full 8 x 5,000 load (tests/test_faults.py, tests/test_load.py).
+# The fault harness on its heavy seed set, the full 8 x 5,000 load, the import under a fault at every statement
+# and 2,000 generated request bodies against their holds.
 soak: $(STAMP)
-	METERING_SOAK=1 $(BIN)/python -m pytest tests/test_faults.py tests/test_load.py
+	METERING_SOAK=1 $(BIN)/python -m pytest tests/test_faults.py tests/test_load.py tests/test_redteam_import.py \
+		tests/test_redteam_holds.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_counting.py
@@ -29,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_reconcile.py
 	$(BIN)/python bench/bench_export.py
 	$(BIN)/python bench/bench_relay.py
+	$(BIN)/python bench/bench_relay_body.py
 	$(BIN)/python bench/bench_import.py
 
 # Re-pin after changing dependencies in pyproject.toml: resolves in a scratch venv, writes requirements.lock.

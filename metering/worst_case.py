@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from metering.errors import RequestError
 from metering.models import ResolvedModel
+from metering.prompt_count import text_counter
 from pricing.usage import MAX_COUNT, UsageRecord
 
 #: Body fields that bound each choice's output; the largest one present is the bound.
@@ -125,8 +126,6 @@ def _output_budget(body: Mapping[str, Any], provider: str) -> int | None:
 
 def _prediction_tokens(body: Mapping[str, Any], resolved: ResolvedModel) -> int:
     """Tokens of an OpenAI ``prediction`` (rejected prediction tokens are billed as output)."""
-    from metering.prompt_count import text_counter  # the counter, only when a prediction is sent
-
     prediction = body.get("prediction")
     if prediction is None:
         return 0

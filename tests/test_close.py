@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from metering.ledger.meter import Meter
-from pricing.table import load_price_table, parse_price_table, default_price_table_path
+from pricing.table import parse_price_table, default_price_table_path
 from pricing.usage import UsageRecord
 from tests.databases import SERVER_URLS, fresh_database
 from tests.traffic import CALENDAR, FIRST_DAY, after, body, book_customers, book_day, moment

@@ -33,7 +33,7 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metering.claude_prompt import ANTHROPIC_TOOL_TYPES

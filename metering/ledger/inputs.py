@@ -14,7 +14,6 @@ from typing import Any
 
 from metering.errors import RequestError
 from metering.ledger.errors import InvalidField
-from pricing.usage import MAX_COUNT
 
 #: Request ids and references: the entries' references are ``charge:<request id>``, ``adjustment:<reference>``
 #: ... in VARCHAR(190) columns, so an id must leave room for the longest prefix (``adjustment:``, 11).
@@ -34,8 +33,6 @@ NAME_MAX_CHARS = 190
 MAX_ROW_ID = 2**31 - 1
 #: The largest value of a BIGINT column (quota, counters, cursors): a signed 64-bit integer.
 MAX_BIGINT = 2**63 - 1
-#: Body fields that bound the output, in the order they are read (the newer name first).
-MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
 #: A key's allowed models: at most this many names, each at most ``MODEL_MAX_CHARS`` (the events' model column),
 #: and their stored JSON at most ``MODELS_MAX_CHARS`` (MariaDB's TEXT column holds 65,535 bytes).
 MAX_MODELS = 1_000
@@ -195,29 +192,8 @@ def request_body(body: Any) -> dict[str, Any]:
     return body
 
 
-def max_output_tokens(body: dict[str, Any]) -> int | None:
-    """The output bound the request asks for (``max_completion_tokens``, else ``max_tokens``), or None.
-
-    A bound that is present must be a positive integer up to ``MAX_COUNT``: a string, a float, a bool, zero,
-    a negative or an absurd number is the client's error (the upstream refuses it too), not a reason to
-    reserve some other amount silently.
-    """
-    for field in MAX_OUTPUT_FIELDS:
-        value = body.get(field)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise RequestError((field,), f"must be a positive integer, got {type(value).__name__}")
-        if value < 1:
-            raise RequestError((field,), f"must be a positive integer, got {value}")
-        if value > MAX_COUNT:
-            raise RequestError((field,), f"must be at most {MAX_COUNT:,}")
-        return value
-    return None
-
-
 __all__ = [
     "CHANNEL_MAX_CHARS", "EARLIEST", "IDENTIFIER_MAX_CHARS", "MAX_AHEAD", "MAX_BIGINT", "MAX_MODELS", "MAX_ROW_ID", "MODEL_MAX_CHARS",
     "MODELS_MAX_CHARS", "NAME_MAX_CHARS", "choice", "digits_id", "duration", "event_time", "flag", "identifier",
-    "integer", "max_output_tokens", "model_names", "naive_utc", "request_body", "row_id", "text", "user_ref",
+    "integer", "model_names", "naive_utc", "request_body", "row_id", "text", "user_ref",
 ]
