@@ -135,6 +135,35 @@ class Faults:
         engine.dialect.do_rollback = do_rollback  # type: ignore[method-assign]
         _TRACED[engine] = self
 
+    def killed_in_child(self, meter: Meter, at: int, attempt: Callable[[], str | None]) -> bool:
+        """Run ``attempt`` in a forked child that SIGKILLs itself before statement ``at``: True when the kill
+        landed, False when the child finished first. ``attempt`` returns what went wrong, or None; the child
+        never returns into pytest. A child that ends any other way fails the test (its output says why)."""
+        meter.engine.dispose()  # no pooled connection may be shared with the child
+        if self._admin is not None:
+            self._admin.dispose()
+        pid = os.fork()
+        if pid == 0:  # the child: its own connections, the inherited hooks
+            code = 0
+            try:
+                # A fresh pool (SQLAlchemy's recipe for a forked process), the dialect already initialized.
+                meter.engine.dispose(close=False)
+                self.in_child = True
+                self.arm("kill", at)
+                problem = attempt()
+                if problem is not None:
+                    print(f"child: {problem}", flush=True)
+                    code = 3
+            except BaseException:  # noqa: BLE001 (reported through the exit status)
+                traceback.print_exc()
+                code = 4
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+            return True
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the child ended with status {status}"
+        return False
+
     def arm(self, kind: str, at: int) -> None:
         """Inject ``kind`` at statement ``at`` (``ambiguous``: at COMMIT ``at``), counting from now."""
         assert kind in FAULT_KINDS, kind
@@ -865,33 +894,20 @@ class Scenario:
 
     def _in_child(self, op: Op, at: int) -> tuple[Any, ...]:
         """Run the call in a forked child that SIGKILLs itself before statement ``at``."""
-        self.meter.engine.dispose()  # no pooled connection may be shared with the child
-        if self.faults._admin is not None:
-            self.faults._admin.dispose()
-        pid = os.fork()
-        if pid == 0:  # the child: its own connections, the inherited hooks; it never returns into pytest
-            code = 0
-            try:
-                # A fresh pool (SQLAlchemy's recipe for a forked process), the dialect already initialized.
-                self.meter.engine.dispose(close=False)
-                self.faults.in_child = True
-                self.faults.arm("kill", at)
-                result = outcome(self._call(op.call, self.meter))
-                if result[0] == "unexpected":
-                    print(f"child: {op.label}: {result}", flush=True)
-                    code = 3
-            except BaseException:  # noqa: BLE001 (reported through the exit status)
-                traceback.print_exc()
-                code = 4
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+
+        def attempt() -> str | None:
+            result = outcome(self._call(op.call, self.meter))
+            return f"{op.label}: {result}" if result[0] == "unexpected" else None
+
+        try:
+            killed = self.faults.killed_in_child(self.meter, at, attempt)
+        except AssertionError as exc:
+            raise self.fail(f"the child running {op.label}: {exc} (see its output above)") from None
+        if killed:
             self.figures.faults["kill"] += 1
             return ("killed",)
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            self.figures.armed_not_reached += 1
-            return ("child-done",)
-        raise self.fail(f"the child running {op.label} ended with status {status} (see its output above)")
+        self.figures.armed_not_reached += 1
+        return ("child-done",)
 
     @staticmethod
     def _call(call: Callable[[Meter], Any], meter: Meter) -> Any:

@@ -24,11 +24,8 @@ and every COMMIT for lost answers; under METERING_SOAK=1, every statement.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -245,29 +242,12 @@ class Run:
 
     def in_child(self, at: int) -> bool:
         """The import in a forked child that SIGKILLs itself before statement ``at``; True if the kill landed."""
-        self.meter.engine.dispose()
-        if self.faults._admin is not None:
-            self.faults._admin.dispose()
-        pid = os.fork()
-        if pid == 0:  # the child: its own connections; it never returns into pytest
-            code = 0
-            try:
-                self.meter.engine.dispose(close=False)
-                self.faults.in_child = True
-                self.faults.arm("kill", at)
-                result = self.attempt()
-                if not isinstance(result, dict):
-                    print(f"child: {result!r}", flush=True)
-                    code = 3
-            except BaseException:  # noqa: BLE001 (reported through the exit status)
-                traceback.print_exc()
-                code = 4
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-            return True
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the child ended with status {status}"
-        return False
+
+        def attempt() -> str | None:
+            result = self.attempt()
+            return None if isinstance(result, dict) else repr(result)
+
+        return self.faults.killed_in_child(self.meter, at, attempt)
 
     def close(self) -> None:
         self.faults.close()
