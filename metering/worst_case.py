@@ -221,17 +221,19 @@ class HoldBounds(NamedTuple):
             return self.input_tokens + self.input_tokens // INPUT_BAND_EXACT_SHARE + INPUT_BAND_SLACK
         return self.input_tokens * INPUT_BAND_FACTOR + INPUT_BAND_SLACK
 
-    def beyond(self, usage: UsageRecord) -> list[str]:
-        """The figures of ``usage`` beyond the worst case (empty: it is charged as reported)."""
+    def beyond(self, usage: UsageRecord) -> list[tuple[str, str]]:
+        """The figures of ``usage`` beyond the worst case, as (field, what was reported against what); empty:
+        it is charged as reported."""
         found = []
-        if usage.total_input_tokens > self.input_band:
-            found.append(f"input {usage.total_input_tokens} tokens (the hold's {self.input_tokens}, band "
-                         f"{self.input_band})")
         if usage.output_tokens > self.output_tokens:
-            found.append(f"output {usage.output_tokens} tokens (the worst case {self.output_tokens}: all choices "
-                         "at their budget)")
+            found.append(("output_tokens", f"output {usage.output_tokens} tokens (the worst case {self.output_tokens}:"
+                                           " all choices at their budget)"))
+        if usage.total_input_tokens > self.input_band:
+            found.append(("input_tokens", f"input {usage.total_input_tokens} tokens (the hold's {self.input_tokens}, "
+                                          f"band {self.input_band})"))
         if usage.web_search_requests > self.web_searches:
-            found.append(f"{usage.web_search_requests} web searches (the worst case {self.web_searches})")
+            found.append(("web_search_requests", f"{usage.web_search_requests} web searches (the worst case "
+                                                 f"{self.web_searches})"))
         return found
 
     def cap(self, usage: UsageRecord) -> UsageRecord:

@@ -40,11 +40,13 @@ from metering.ledger.errors import (
 from metering.ledger.statements import (
     BALANCE_NOW,
     CODE_BY_HASH,
+    EXPIRE_HOLD,
     HOLD_BY_ID,
     HOLD_BY_REQUEST,
     INSERT_ENTRY,
     INSERT_EVENT,
     INSERT_HOLD,
+    KEEP_ALIVE,
     KEY_BY_SECRET,
     KEY_ROOM_NOW,
     LOCK_USER,
@@ -53,8 +55,6 @@ from metering.ledger.statements import (
     NOTE_LATE_SETTLE,
     RESERVE,
     RESOLVE_HOLD,
-    EXPIRE_HOLD,
-    KEEP_ALIVE,
     TAKE,
     Db,
     Statements,
@@ -776,8 +776,7 @@ class Meter:
 
     def release(self, hold: HoldTicket) -> bool:
         """The upstream call failed: return the hold to the balance, exactly once. False if already resolved."""
-        if not isinstance(hold, HoldTicket):
-            raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
+        _ticket_given(hold)
         return self._retrying(lambda db: self._resolve_open_hold(db, hold.id, "released"))
 
     def _resolve_open_hold(self, db: Db, hold_id: int, status: str, cutoff: datetime | None = None) -> bool:
@@ -828,8 +827,7 @@ class Meter:
         does every third of it) for as long as the call is open; a gateway that dies stops calling, and the
         hold then expires within one TTL, as before.
         """
-        if not isinstance(hold, HoldTicket):
-            raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
+        _ticket_given(hold)
         current = _naive_utc(inputs.event_time(now, "now"))
         limit = None if hold.keep_until is None else _naive_utc(hold.keep_until, "keep_until")
         until = current + self.hold_ttl if limit is None else min(current + self.hold_ttl, limit)
@@ -849,8 +847,7 @@ class Meter:
     @staticmethod
     def accumulator(hold: HoldTicket) -> StreamAccumulator:
         """A stream accumulator for ``hold``'s request that knows its prompt count (for cut streams)."""
-        if not isinstance(hold, HoldTicket):
-            raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
+        _ticket_given(hold)
         return StreamAccumulator(hold.model, prompt=_prompt_of(hold))
 
     def settle(
@@ -895,8 +892,7 @@ class Meter:
         stream: StreamAccumulator | StreamResult | None = None, channel: str | None = None,
     ) -> Receipt:
         """``settle`` without the quarantine: every check, then the charge."""
-        if not isinstance(hold, HoldTicket):
-            raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
+        _ticket_given(hold)
         if channel is not None:
             _identifier(channel, "channel")
         if sum(x is not None for x in (response, usage, stream)) != 1:
@@ -932,9 +928,8 @@ class Meter:
             full = quota(self.prices, usage, hold.created_at.timestamp(), hold.price_group)
         except InvalidUsage:
             full = MAX_QUOTA  # beyond anything one request may be charged: the approval is the operator's call
-        field = "output_tokens" if usage.output_tokens > bounds.output_tokens else (
-            "input_tokens" if usage.total_input_tokens > bounds.input_band else "web_search_requests")
-        error = UsageBeyondHold(field, f"reported {'; '.join(beyond)}: charged at the worst case, the rest kept")
+        reported = "; ".join(text for _, text in beyond)
+        error = UsageBeyondHold(beyond[0][0], f"reported {reported}: charged at the worst case, the rest kept")
         row = quarantine.quarantine_row(
             source=source, error=error, payload=usage, action="capped", request_id=hold.request_id,
             user_id=hold.user_id, key_id=hold.key_id, hold_id=hold.id, model=hold.model,
@@ -995,8 +990,6 @@ class Meter:
         in quarantine (action ``capped``, ``uncharged_quota``). Approving it posts one debit adjustment of that
         rest, reference ``approve:<quarantine id>``: a second approval charges 0.
         """
-        if not isinstance(quarantine_id, int):
-            raise InvalidField("quarantine_id", f"must be an integer id, got {type(quarantine_id).__name__}")
         inputs.row_id(quarantine_id, "quarantine_id")
         query = select(quarantine.QUARANTINE).where(quarantine.QUARANTINE.c.id == quarantine_id)
         row = self._read(lambda db: db.execute(query).mappings().first())
@@ -1193,6 +1186,13 @@ def _ticket(row: Any) -> HoldTicket:
         max_output_tokens=row.get("max_output_tokens"), max_web_searches=row.get("max_web_searches"),
         keep_until=None if keep_until is None else _aware(keep_until),
     )
+
+
+def _ticket_given(hold: Any) -> HoldTicket:
+    """``hold`` if it is a ``HoldTicket`` (what ``authorize`` returned), else ``InvalidField`` naming ``hold``."""
+    if not isinstance(hold, HoldTicket):
+        raise InvalidField("hold", f"must be the HoldTicket authorize returned, got {type(hold).__name__}")
+    return hold
 
 
 def _available(key: dict[str, Any]) -> int:
