@@ -8,7 +8,7 @@
    SQLAlchemy for SQLite) run with the bare sqlite3 driver, streamed with ``fetchmany(10000)`` straight
    into ``csv.writer`` on a file: no transformation, no neutralization, no hashing, no fsync; with the
    cycle collector paused, as the export pauses it.
-3. ``workers.export.export(engine, "usage", ...)`` of the three days as ``metering export`` runs it
+3. ``workers.export.exporter.export(engine, "usage", ...)`` of the three days as ``metering export`` runs it
    (``jobs=None``: one worker process per core, at most 4, on a range this large), the same with
    ``jobs=1`` (this process only), and the parallel export of one day (a third of the rows: the peak RSS
    must not grow with the rows). The two exports must write the same file.
@@ -118,7 +118,7 @@ def _usage_sql(last: date) -> str:
     from sqlalchemy.dialects import sqlite
 
     from workers.calendar import BusinessCalendar
-    from workers.export_kinds import UsagePlan
+    from workers.export.kinds import UsagePlan
 
     query = UsagePlan(FIRST_DAY, last, BusinessCalendar(TIME_ZONE)).query()
     return str(query.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}))
@@ -129,7 +129,7 @@ def measure_floor(db: Path, out: Path, last: date) -> dict[str, Any]:
     import gc
 
     sql = _usage_sql(last)
-    gc.disable()  # as the export does while it streams (workers.export.cycle_collector_paused)
+    gc.disable()  # as the export does while it streams (workers.export.exporter.cycle_collector_paused)
     started = time.perf_counter()
     connection = sqlite3.connect(db)
     cursor = connection.execute(sql)
@@ -143,10 +143,10 @@ def measure_floor(db: Path, out: Path, last: date) -> dict[str, Any]:
 
 
 def measure_export(db: Path, out: Path, last: date, jobs: int | None) -> dict[str, Any]:
-    """``workers.export.export`` of the usage rows with ``jobs`` processes (None: as the command line does)."""
+    """``workers.export.exporter.export`` of the usage rows with ``jobs`` processes (None: as the command line does)."""
     from metering.ledger.database import make_engine
     from workers.calendar import BusinessCalendar
-    from workers.export import export
+    from workers.export.exporter import export
 
     engine = make_engine(f"sqlite:///{db}")
     started = time.perf_counter()
@@ -161,7 +161,7 @@ def measure_export(db: Path, out: Path, last: date, jobs: int | None) -> dict[st
 def measure_baseline() -> dict[str, Any]:
     """Imports and an engine only: the RSS every child starts from."""
     from metering.ledger.database import make_engine  # noqa: F401
-    from workers.export import export  # noqa: F401
+    from workers.export.exporter import export  # noqa: F401
 
     return {"seconds": 0.0, "rows": 0}
 

@@ -28,8 +28,8 @@ from sqlalchemy import MetaData, create_engine  # noqa: E402
 
 from metering.ledger.database import normalize_url  # noqa: E402
 from metering.ledger.meter import Meter  # noqa: E402
-from workers.oneapi_import import import_oneapi  # noqa: E402
-from workers.oneapi_source import OneApiSource, source_url  # noqa: E402
+from workers.oneapi.importer import import_oneapi  # noqa: E402
+from workers.oneapi.source import OneApiSource, source_url  # noqa: E402
 
 T0 = 1_748_736_000  # 2025-06-01T00:00:00Z: gpt-4o's 2024-10-02 prices are in force
 ONE_API_TABLES = """

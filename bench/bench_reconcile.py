@@ -2,7 +2,7 @@
 
 Figures (issue 5, "Scale"; see BENCHMARKS.md, "Reconcile"):
 
-1. Seconds of ``workers.close.close_day(meter, day, calendar=BusinessCalendar(), now=...)`` on a day of
+1. Seconds of ``workers.close.nightly.close_day(meter, day, calendar=BusinessCalendar(), now=...)`` on a day of
    1,000,000 usage events (and of 3,000,000 with ``--also-3m``, the default), on SQLite (a WAL file, the
    engine of ``metering.ledger.database``) and on PostgreSQL (psycopg 3): the whole close, i.e. expiring
    and folding (nothing to do), the watermark, re-pricing every event and rolling it up, the token audit
@@ -505,7 +505,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One round in this fresh process: the close and the floor (in ``spec['order']``), with ru_maxrss."""
     from metering.ledger.meter import Meter
     from workers.calendar import BusinessCalendar
-    from workers.close import close_day
+    from workers.close.nightly import close_day
 
     url = spec["url"]
     start, end = datetime.fromisoformat(spec["start"]), datetime.fromisoformat(spec["end"])
@@ -644,7 +644,7 @@ def bench_size(kind: str, events: int, args: argparse.Namespace, say: Any, figur
 
 
 def scan_workers() -> int:
-    from workers.rollup import SCAN_WORKERS
+    from workers.close.rollup import SCAN_WORKERS
 
     return SCAN_WORKERS
 

@@ -80,8 +80,8 @@ def book_day(meter: Meter, secrets: list[str], day: date, requests: int = 5) -> 
 
 
 def booked_and_closed(meter: Meter, days: tuple[date, ...] = (DAY1, DAY2)) -> list[str]:
-    """Customers, traffic on ``days``, and each day closed by ``workers.close.close_day``; returns the secrets."""
-    from workers.close import close_day
+    """Customers, traffic on ``days``, and each day closed by ``workers.close.nightly.close_day``; returns the secrets."""
+    from workers.close.nightly import close_day
 
     secrets = book_customers(meter)
     for day in days:

@@ -816,7 +816,7 @@ RUNNER = CliRunner()
 
 
 def invoke(*args: str) -> Any:
-    from workers.cli import app
+    from workers.cli.main import app
 
     return RUNNER.invoke(app, list(args), env={"COLUMNS": "200", "NO_COLOR": "1", "METERING_DB": None,
                                                "METERING_PRICE_TABLE": None})
@@ -914,7 +914,7 @@ def test_each_bad_flag_exits_2_naming_it_and_writes_nothing(cli_db: str, args: l
     before = db_rows(cli_db)
     TRIED["command line"] += 1
     if args[0] == "count":
-        from workers.cli import app
+        from workers.cli.main import app
 
         result = RUNNER.invoke(app, args, input=json.dumps(SAMPLES["openai-vision"]))
     else:

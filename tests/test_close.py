@@ -1,4 +1,4 @@
-"""The nightly close (workers.close): each day exactly once, the books add up, faults change nothing.
+"""The nightly close (workers.close.nightly): each day exactly once, the books add up, faults change nothing.
 
 Figures come from the rules of docs/worker.md and the bundled price table (1 CNY = $1 promotion,
 reference rate 7.1 CNY per USD, azure-east cost ratio 0.9); every expected value is computed here from
@@ -27,8 +27,8 @@ from pricing.table import parse_price_table, default_price_table_path
 from pricing.usage import UsageRecord
 from tests.databases import SERVER_URLS, fresh_database
 from tests.traffic import CALENDAR, FIRST_DAY, after, body, book_customers, book_day, moment
-from workers.close import Interrupted, LeaseLost, close_day, close_due_days, days_to_close, reconcile
-from workers.lease import claim
+from workers.close.nightly import Interrupted, LeaseLost, close_day, close_due_days, days_to_close, reconcile
+from workers.close.lease import claim
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY1, DAY2, DAY3 = FIRST_DAY, FIRST_DAY + timedelta(days=1), FIRST_DAY + timedelta(days=2)
@@ -207,7 +207,7 @@ import sys, json
 from datetime import datetime
 from metering.ledger.meter import Meter
 from tests.traffic import CALENDAR
-from workers.close import close_due_days
+from workers.close.nightly import close_due_days
 meter = Meter.open(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.readline()
@@ -253,12 +253,12 @@ def test_two_workers_at_once_close_each_day_exactly_once(meter: Meter) -> None:
 KILLABLE = """
 import sys, time
 from datetime import datetime, timedelta
-import workers.rollup
-workers.rollup.BATCH = 2  # many small batches and slices: many points where the kill can land
-workers.rollup.SLICE_EVENTS = 2
+import workers.close.rollup
+workers.close.rollup.BATCH = 2  # many small batches and slices: many points where the kill can land
+workers.close.rollup.SLICE_EVENTS = 2
 from metering.ledger.meter import Meter
 from tests.traffic import CALENDAR
-from workers.close import close_due_days
+from workers.close.nightly import close_due_days
 meter = Meter.open(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.readline()

@@ -1,4 +1,4 @@
-"""CSV exports (workers.export): stable columns, exact totals, formula-safe cells, atomic files, manifests.
+"""CSV exports (workers.export.exporter): stable columns, exact totals, formula-safe cells, atomic files, manifests.
 
 Data is booked through the real ledger API and the days closed by the real close (tests/billing_data.py);
 every expected figure is computed here from the database with SQL, independently of the export's code.
@@ -36,13 +36,13 @@ from tests.billing_data import (
     insert_rollup,
     scalar,
 )
-from workers import export as export_module
-from workers.csv_safety import neutralize, neutralize_column
-from workers.csv_writer import UTF8_BOM
+import workers.export.exporter as export_module
+from workers.export.csv_safety import neutralize, neutralize_column
+from workers.export.csv_writer import UTF8_BOM
 from workers.errors import InvalidArgument
-from workers.export import KINDS, count_rows, export, manifest_path
-from workers.export_columns import COLUMNS, column_names, columns_markdown
-from workers.export_kinds import UsagePlan
+from workers.export.exporter import KINDS, count_rows, export, manifest_path
+from workers.export.columns import COLUMNS, column_names, columns_markdown
+from workers.export.kinds import UsagePlan
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = ("input_tokens", "cached_input_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "output_tokens",
@@ -278,7 +278,7 @@ def test_a_kill_mid_export_leaves_nothing_under_the_final_name(tmp_path: Path) -
         from pathlib import Path
         from metering.ledger.database import make_engine
         from tests.billing_data import CALENDAR
-        import workers.export as export_module
+        import workers.export.exporter as export_module
         export_module.CHUNK_ROWS = 3
         def progress(rows):
             if rows >= 3:
@@ -338,7 +338,7 @@ def test_an_empty_range_exports_a_header_and_zero_totals(tmp_path: Path) -> None
 def test_docs_list_every_column_of_every_export() -> None:
     docs = (ROOT / "docs" / "exports.md").read_text(encoding="utf-8")
     for kind in KINDS:
-        assert columns_markdown(kind) in docs, f"docs/exports.md: the {kind} table differs from workers/export_columns.py"
+        assert columns_markdown(kind) in docs, f"docs/exports.md: the {kind} table differs from workers/export/columns.py"
 
 
 def _sql_rows(meter: Meter, sql: str) -> list[tuple[object, ...]]:

@@ -3,7 +3,7 @@
 ``UsagePlan.text`` builds each line with ``",".join`` from columns quoted and neutralized at once, and
 the database joins the integer cells (``joined_integers``: printf on SQLite, concat_ws elsewhere). The
 oracle here is the plain way: the raw cells read with SQL, neutralized one by one with
-``workers.csv_safety.neutralize`` and written by ``csv.writer``. Texts are hostile on purpose: commas,
+``workers.export.csv_safety.neutralize`` and written by ``csv.writer``. Texts are hostile on purpose: commas,
 quotes, CR and LF, formula starts (ASCII and fullwidth), Chinese, emoji.
 """
 
@@ -24,11 +24,11 @@ from sqlalchemy import text
 from metering.ledger.meter import Meter
 from pricing.usage import UsageRecord
 from tests.traffic import CALENDAR, body, moment
-from workers.csv_safety import neutralize
-from workers.export import export, manifest_path
-from workers.export_columns import column_names
-from workers.export_kinds import TOKEN_FIELDS, UsagePlan
-from workers.export_times import iso_utc
+from workers.export.csv_safety import neutralize
+from workers.export.exporter import export, manifest_path
+from workers.export.columns import column_names
+from workers.export.kinds import TOKEN_FIELDS, UsagePlan
+from workers.export.times import iso_utc
 
 DAY = date(2026, 11, 2)
 HOSTILE = ("=HYPERLINK(\"http://x\")", "+1", "-x", "@SUM(1)", "@\tx", "＝1+1", "－5", '张伟, "VIP"', "a\r\nb", "a\nb",
@@ -90,7 +90,7 @@ def test_usage_lines_are_what_csv_writer_writes_on_every_database(meter: Meter, 
 @pytest.mark.parametrize("jobs", [2, None])
 def test_several_processes_write_the_same_bytes_and_manifest_as_one(tmp_path: Path, jobs: int | None,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers import export_parallel
+    import workers.export.parallel as export_parallel
 
     monkeypatch.setattr(export_parallel, "SLICE_IDS", 3)  # many slices, so their order and merging matter
     monkeypatch.setattr(export_parallel, "PARALLEL_MIN_ROWS", 1)  # None: parallel as soon as there are rows

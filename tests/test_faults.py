@@ -43,7 +43,7 @@ from pricing.usage import UsageRecord
 from tests.test_close import _books
 from tests.test_ledger_model import prices
 from tests.traffic import CALENDAR, FIRST_DAY, after, body, book_customers, book_day, moment
-from workers.close import close_day, days_to_close
+from workers.close.nightly import close_day, days_to_close
 
 #: Seeds of the random scenarios: 3 per database in `make test` (16 calls each), 60 under `make soak` (40 calls).
 SEEDS = tuple(range(60)) if SOAK else (0, 1, 2)

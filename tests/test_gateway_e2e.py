@@ -46,7 +46,7 @@ from tests.databases import BACKENDS, fresh_database  # noqa: E402
 from tests.fake_upstream import DEFAULT_KEY, SENTENCES, FakeUpstream, fake_upstream  # noqa: E402
 from tests.servers import closed_port, serve  # noqa: E402
 from workers.calendar import BusinessCalendar  # noqa: E402
-from workers.export import export  # noqa: E402
+from workers.export.exporter import export  # noqa: E402
 
 #: Official list prices, USD per 1M tokens (sources in the module docstring).
 LIST_PRICES = {"gpt-4o": (Fraction("2.50"), Fraction("10.00")), "claude-sonnet-4": (Fraction("3.00"), Fraction("15.00"))}

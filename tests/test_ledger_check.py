@@ -1,4 +1,4 @@
-"""The close's quick ledger check (workers.invariants) never hides what ``metering audit`` would find.
+"""The close's quick ledger check (workers.close.invariants) never hides what ``metering audit`` would find.
 
 The close asks the database a few aggregate questions instead of reading every entry into Python, and
 runs ``metering.ledger.audit.run_audit`` only when an answer is not the sound one. Its contract: the
@@ -18,7 +18,7 @@ from sqlalchemy import Connection, text
 from metering.ledger.audit import run_audit
 from metering.ledger.meter import Meter
 from tests.traffic import FIRST_DAY, book_customers, book_day
-from workers.invariants import LedgerCheck, sound
+from workers.close.invariants import LedgerCheck, sound
 
 
 def one(connection: Connection, sql: str) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from pricing.quote import quota
 from pricing.usage import UsageRecord
 from tests import oneapi_schema as schema
 from tests.databases import BACKENDS
-from workers.oneapi_import import ImportConflict, import_oneapi
-from workers.oneapi_source import OneApiSource, SourceError, default_source_name, source_url
+from workers.oneapi.importer import ImportConflict, import_oneapi
+from workers.oneapi.source import OneApiSource, SourceError, default_source_name, source_url
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_748_736_000  # 2025-06-01T00:00:00Z: gpt-4o's 2024-10-02 prices are in force
@@ -335,8 +335,8 @@ def test_import_into_each_ledger_database(meter: Meter, tmp_path: Path) -> None:
 
 def test_close_and_export_run_on_the_imported_usage(tmp_path: Path, ledger: Meter) -> None:
     from tests.traffic import CALENDAR, FIRST_DAY, after, moment
-    from workers.close import close_due_days
-    from workers.export import export
+    from workers.close.nightly import close_due_days
+    from workers.export.exporter import export
 
     url = f"sqlite:///{tmp_path}/src.db"
     populate(url, "new-api")

@@ -208,7 +208,7 @@ def test_a_quarantine_that_cannot_be_written_still_raises_the_rejection(tmp_path
 
 
 def test_the_command_line_lists_them_and_the_audit_counts_them(tmp_path: Path) -> None:
-    from workers.cli import app
+    from workers.cli.main import app
 
     url = f"sqlite:///{tmp_path}/ledger.db"
     meter = Meter.open(url)

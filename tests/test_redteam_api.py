@@ -446,7 +446,7 @@ def test_every_text_of_a_value_is_the_same_top_up_stored_canonically(
 
 
 def test_the_command_lines_amount_1e1_is_the_same_top_up_as_10(tmp_path: Path) -> None:
-    from workers.cli import app
+    from workers.cli.main import app
 
     url = f"sqlite:///{tmp_path}/ledger.db"
     meter = Meter.open(url)

@@ -7,7 +7,7 @@ What is tested:
   stored exactly, and every table, line and error of the command line (``user create``/``show``/``list``,
   ``key create``/``list``, ``balance``, ``topup``, ``redeem create``, ``quarantine list``, ``report
   --format table``, ``prices validate``, errors naming them) prints them escaped (``\\x1b``, ``\\r``,
-  ``\\u202e``) through the one function ``metering.cli_output.printable``; ``--json`` output stays exact
+  ``\\u202e``) through the one function ``workers.cli.plumbing.printable``; ``--json`` output stays exact
   JSON that decodes to the stored text and carries none of them raw (SQLite, PostgreSQL, MariaDB).
 - No orphaned export workers: ``metering export --jobs 2`` killed with ``kill -9`` mid-export leaves no
   worker process behind (a real subprocess on a 300,000-row SQLite ledger); the watchdog that covers
@@ -32,14 +32,14 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from metering.cli_output import json_text, printable
+from workers.cli.plumbing import json_text, printable
 from metering.ledger import Meter
 from pricing.usage import UsageRecord
 from tests.databases import scratch_directory
 from tests.traffic import CALENDAR, FIRST_DAY
 from workers.calendar import BusinessCalendar
-from workers.cli import app
-from workers.close import close_due_days
+from workers.cli.main import app
+from workers.close.nightly import close_due_days
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = CliRunner()
@@ -262,7 +262,7 @@ def test_an_orphaned_worker_without_the_parent_death_signal_exits_by_itself(tmp_
         code = (
             "import os, sys, time\\n"
             "sys.path.insert(0, {str(ROOT)!r})\\n"
-            "from workers.export_parallel import die_with_parent\\n"
+            "from workers.export.parallel import die_with_parent\\n"
             "sys.platform = 'darwin'  # no PR_SET_PDEATHSIG: only the watchdog\\n"
             "die_with_parent(os.getppid())\\n"
             "print('ready', flush=True)\\n"

@@ -43,10 +43,10 @@ from pricing.table import PRICE_TABLE_ENV, default_price_table_path, load_price_
 from pricing.yaml_source import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, YamlLimitError, checked_events, load_yaml
 from tests.traffic import CALENDAR, FIRST_DAY, book_customers, book_day
 from workers.calendar import MAX_RANGE_DAYS
-from workers.cli import app
-from workers.close import close_day, close_due_days, days_to_close, first_day, reconcile
+from workers.cli.main import app
+from workers.close.nightly import close_day, close_due_days, days_to_close, first_day, reconcile
 from workers.errors import InvalidArgument
-from workers.oneapi_source import cache_tokens_of
+from workers.oneapi.source import cache_tokens_of
 
 RUNNER = CliRunner()
 #: Well under a second: every refusal measured 0.1 to 3 ms in the library (the command line adds its start-up).

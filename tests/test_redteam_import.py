@@ -46,8 +46,8 @@ from tests import oneapi_schema as schema
 from tests.databases import BACKENDS, scratch_database
 from tests.faults import SOAK, Blocker, Faults, short_lock_waits, traced
 from tests.test_oneapi_import import T0, populate, run_import
-from workers.oneapi_import import ImportConflict, import_oneapi
-from workers.oneapi_source import OneApiSource, source_url
+from workers.oneapi.importer import ImportConflict, import_oneapi
+from workers.oneapi.source import OneApiSource, source_url
 
 #: Statements faulted per backend and kind in `make test` (spread evenly over the run); every one under soak.
 POINTS = {"drop": 10, "kill": 4}

@@ -34,8 +34,8 @@ from metering.ledger import InvalidField, Meter, NotFound, SettleConflict, quara
 from metering.ledger.tables import UsageEvent
 from pricing.usage import UsageRecord, UsageSource
 from workers.calendar import BusinessCalendar
-from workers.cli import app
-from workers.close import close_day
+from workers.cli.main import app
+from workers.close.nightly import close_day
 
 EVENTS = UsageEvent.__table__  # type: ignore[attr-defined]
 GPT4O = {"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "hello"}]}  # 8 tokens

@@ -1,4 +1,4 @@
-"""Reports (workers.report): sections that add up to the roll-ups, exact money, safe rendering, charts.
+"""Reports (workers.report.build): sections that add up to the roll-ups, exact money, safe rendering, charts.
 
 Data is booked through the real ledger API and closed by the real close (tests/billing_data.py), except
 where a figure must be known in advance: there the roll-up rows are inserted directly and the expected
@@ -31,8 +31,8 @@ from tests.billing_data import (
     scalar,
 )
 from workers.errors import InvalidArgument
-from workers.export import export
-from workers.report import BY_FIELDS, Report, build_report, render
+from workers.export.exporter import export
+from workers.report.build import BY_FIELDS, Report, build_report, render
 
 PNG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 DAY3 = DAY2 + timedelta(days=1)

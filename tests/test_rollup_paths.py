@@ -1,6 +1,6 @@
 """The close's two ways of reading a day agree: the database's GROUP BY and the row-by-row pass.
 
-On SQLite and PostgreSQL ``workers.rollup`` rolls up a day's own events in SQL and re-prices them there
+On SQLite and PostgreSQL ``workers.close.rollup`` rolls up a day's own events in SQL and re-prices them there
 with the integer formula of ``pricing.quote.quota``'s precompiled path, handing back to Python only the
 events it cannot clear. The row-by-row pass (MariaDB's path, and the fallback) judges every event with
 ``pricing.quote.quota`` itself. For any events both must give the same roll-up and the same
@@ -32,8 +32,8 @@ from pricing.table import PriceTable, default_price_table_path, parse_price_tabl
 from pricing.usage import UsageRecord
 from tests.databases import fresh_database
 from tests.traffic import CALENDAR, FIRST_DAY
-from workers import rollup
-from workers.rollup import EVENTS, HOLDS, TOKEN_FIELDS, DayTotals, Window
+import workers.close.rollup as rollup
+from workers.close.rollup import EVENTS, HOLDS, TOKEN_FIELDS, DayTotals, Window
 
 KEYS = ApiKey.__table__  # type: ignore[attr-defined]
 DAY = FIRST_DAY

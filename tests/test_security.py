@@ -55,14 +55,14 @@ from metering.ledger.errors import DuplicateReference
 from metering.ledger.meter import SECRET_PREFIX, secret_hash
 from pricing.usage import UsageRecord
 from workers.calendar import BusinessCalendar
-from workers.cli import app
-from workers.close import close_day
-from workers.csv_safety import neutralize
+from workers.cli.main import app
+from workers.close.nightly import close_day
+from workers.export.csv_safety import neutralize
 from workers.errors import InvalidArgument
-from workers.export import KINDS, export
+from workers.export.exporter import KINDS, export
 from workers.jobs import Worker, export_path
-from workers.report import build_report, render
-from workers.report_options import FORMATS
+from workers.report.build import build_report, render
+from workers.report.options import FORMATS
 
 ROOT = Path(__file__).resolve().parents[1]
 CALENDAR = BusinessCalendar("Asia/Shanghai")

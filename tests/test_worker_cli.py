@@ -37,9 +37,9 @@ def test_every_command_has_help(command: list[str]) -> None:
 
 def test_the_console_script_is_the_workers_app() -> None:
     text = (ROOT / "pyproject.toml").read_text()
-    assert 'metering = "workers.cli:app"' in text
-    from metering.cli import app as metering_app
-    from workers.cli import app
+    assert 'metering = "workers.cli.main:app"' in text
+    from workers.cli.counting import app as metering_app
+    from workers.cli.main import app
 
     assert app is metering_app  # one app: metering's commands plus the worker's
     names = {command.name or command.callback.__name__ for command in app.registered_commands}

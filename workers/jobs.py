@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.calendar import BusinessCalendar
-from workers.lease import default_owner
+from workers.close.lease import default_owner
 
 log = logging.getLogger("metering.worker")
 
@@ -69,7 +69,7 @@ class Worker:
 
     def close(self, now: datetime | None = None) -> list[Any]:
         """Close every complete day not closed yet, oldest first (the catch-up and the nightly close)."""
-        from workers.close import Interrupted, close_due_days
+        from workers.close.nightly import Interrupted, close_due_days
 
         try:
             results = close_due_days(
@@ -96,7 +96,7 @@ class Worker:
         if self.out is None or not days:
             return []
         from workers.containment import contained
-        from workers.export import KINDS, export
+        from workers.export.exporter import KINDS, export
 
         manifests = []
         for day in days:

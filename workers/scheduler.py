@@ -13,7 +13,7 @@ or paused, or a close still running at 00:10, would silently skip the night's cl
 night. The catch-up at start covers a worker that was down; the grace covers one that was up but late.
 
 Two workers on one database are safe: each day is claimed in ``day_closes`` with a lease and a fencing
-token (workers/close.py); the scheduler itself needs no shared job store.
+token (workers/close/nightly.py); the scheduler itself needs no shared job store.
 
 SIGTERM or SIGINT sets a stop event: the close checks it between batches (the current transaction
 finishes), the scheduler shuts down waiting for running jobs, and the process exits 0.

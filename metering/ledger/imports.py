@@ -1,7 +1,7 @@
 """Ledger calls for importing another gateway's books (one-api / new-api): keys with a given secret, usage for a
 key id, and the ``import_links`` table that makes an import idempotent.
 
-The gateway-specific mapping lives in ``workers/oneapi_import.py``; what is here knows nothing of one-api. Every
+The gateway-specific mapping lives in ``workers/oneapi/importer.py``; what is here knows nothing of one-api. Every
 write keeps the invariants of docs/ledger.md: users, keys and links are inserted (a link in the same transaction
 as the row it names, so a crash never leaves one without the other), usage goes through the deferred path (a
 ``pending`` event that ``Meter.fold_deferred`` charges) and every usage the ledger refuses is quarantined with

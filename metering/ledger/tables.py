@@ -294,7 +294,7 @@ class QuarantinedUsage(SQLModel, table=True):
 
 
 class ImportLink(SQLModel, table=True):
-    """What an import from another gateway's database made of each foreign row (workers/oneapi_import.py).
+    """What an import from another gateway's database made of each foreign row (workers/oneapi/importer.py).
 
     ``source`` names the deployment imported from, ``kind`` the kind of row (``user``, ``token``,
     ``fallback_key``, ``cursor``...), ``external_id`` its id there and ``local_id`` ours (a user or key id;

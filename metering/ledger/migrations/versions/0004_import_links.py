@@ -4,7 +4,7 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-11-29
 
-``metering import one-api`` (workers/oneapi_import.py) keeps here, per (source, kind, external id), the id
+``metering import one-api`` (workers/oneapi/importer.py) keeps here, per (source, kind, external id), the id
 of the user or key it created (and its read cursor), so a second run creates nothing again. Frozen like
 0001-0003.
 """

@@ -45,7 +45,7 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from workers.calendar import BusinessCalendar
-from workers.export_kinds import EVENTS, Totals, UsagePlan, stream_chunks
+from workers.export.kinds import EVENTS, Totals, UsagePlan, stream_chunks
 
 #: Worker processes at most, whatever the machine (beyond this the exporting process's writing and SQLite's
 #: shared file are the limit).
@@ -162,7 +162,7 @@ def _watch_parent(parent: int) -> None:
 
 def _format_slice(lo: int, hi: int) -> Formatted:
     from metering.ledger.database import READ_ONLY
-    from workers.export import cycle_collector_paused
+    from workers.export.exporter import cycle_collector_paused
 
     plan = UsagePlan(*_worker["plan_args"])
     plan.restrict(lo, hi)

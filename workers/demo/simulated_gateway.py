@@ -22,7 +22,7 @@ from metering.counting import count_request
 from metering.ledger import Meter, QuotaExceeded
 from metering.models import resolve_model
 from pricing.usage import UsageRecord, UsageSource
-from workers import demo_traffic as traffic
+import workers.demo.traffic as traffic
 from workers.calendar import BusinessCalendar
 
 

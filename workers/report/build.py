@@ -23,11 +23,11 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from pricing.table import PriceTable
-from workers.report_options import BY_FIELDS, FORMATS
+from workers.report.options import BY_FIELDS, FORMATS
 from workers.calendar import BusinessCalendar, check_range, days_between
 from workers.decimals import EXACT, ZERO, exact_sum
 from workers.errors import InvalidArgument
-from workers.report_frames import (
+from workers.report.frames import (
     COUNT_FIELDS,
     TOKEN_FIELDS,
     grand_totals,
@@ -184,7 +184,7 @@ def margin_totals(margin: pd.DataFrame) -> dict[str, Decimal]:
 
 def render(report: Report, fmt: str) -> str:
     """The report as ``table`` | ``csv`` | ``json`` | ``html`` text."""
-    from workers.report_render import RENDERERS
+    from workers.report.render import RENDERERS
 
     if fmt not in RENDERERS:
         raise InvalidArgument("format", f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from metering.cli_output import EXIT_BAD_INPUT, cell, emit, json_safe, print_error, printable
+from workers.cli.plumbing import EXIT_BAD_INPUT, cell, emit, json_safe, print_error, printable
 from pricing.errors import BillingError, FieldError, PriceNotFound, PriceTableError, UnknownModel
 from pricing.quote import decimal_text, now, price
 from pricing.recharge import amount_text, quote_topup

@@ -59,7 +59,7 @@ class LedgerCheck:
         self._sound: bool | None = None
         self._thread: threading.Thread | None = None
         if not quick_check_applies():
-            log.warning("metering.ledger.audit.run_audit changed: the close runs it in full (update workers/invariants.py)")
+            log.warning("metering.ledger.audit.run_audit changed: the close runs it in full (update workers/close/invariants.py)")
             self._sound = False
             return
         if isinstance(engine.pool, (SingletonThreadPool, StaticPool)):

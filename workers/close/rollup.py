@@ -46,7 +46,7 @@ from pricing.quote import decimal_text, quota
 from pricing.table import PriceTable, QuotaPlan
 from pricing.usage import UsageRecord
 from workers.calendar import BusinessCalendar
-from workers.revenue import revenue_cny, upstream_cost
+from workers.close.revenue import revenue_cny, upstream_cost
 
 EVENTS, HOLDS = UsageEvent.__table__, Hold.__table__  # type: ignore[attr-defined]
 #: The roll-up's integer columns, in this order in every accumulator.

@@ -18,10 +18,10 @@ from sqlalchemy.types import NullType, Text
 
 from metering.ledger.tables import ApiKey, DailyRollup, UsageEvent, User
 from workers.calendar import BusinessCalendar
-from workers.csv_safety import neutralize, neutralize_column
-from workers.csv_writer import quote_column
+from workers.export.csv_safety import neutralize, neutralize_column
+from workers.export.csv_writer import quote_column
 from workers.decimals import ZERO, decimal_text, exact_sum, money_text
-from workers.export_times import DayIndex, iso_column
+from workers.export.times import DayIndex, iso_column
 
 EVENTS, ROLLUPS = UsageEvent.__table__, DailyRollup.__table__  # type: ignore[attr-defined]
 USERS, KEYS = User.__table__, ApiKey.__table__  # type: ignore[attr-defined]

@@ -2,8 +2,8 @@
 
 The rules are in docs/worker.md. In short: a day closes only when complete (its end plus the hold TTL
 has passed) and after the day before it; a worker claims it with a lease and a fencing token
-(``workers.lease``); it reads a watermark, makes one streamed pass over the day's events
-(``workers.rollup``), and writes the roll-up, the discrepancies and ``status = 'closed'`` in one
+(``workers.close.lease``); it reads a watermark, makes one streamed pass over the day's events
+(``workers.close.rollup``), and writes the roll-up, the discrepancies and ``status = 'closed'`` in one
 transaction that commits only while its claim holds. A crash at any point leaves nothing or everything.
 """
 
@@ -28,10 +28,10 @@ from metering.ledger.meter import Meter
 from metering.ledger.tables import DailyRollup, DayClose, Discrepancy, Hold, UsageEvent
 from workers.calendar import BusinessCalendar, days_between
 from workers.errors import InvalidArgument
-from workers.invariants import LedgerCheck
-from workers.lease import DEFAULT_LEASE, Claim, LeaseLost, claim, default_owner, ensure_day, finish, release, renew
-from workers.revenue import paid_rates
-from workers.rollup import COUNTERS, EXACT, DayTotals, Progress, Window, add_unbilled_holds, rollup_rows, scan_events
+from workers.close.invariants import LedgerCheck
+from workers.close.lease import DEFAULT_LEASE, Claim, LeaseLost, claim, default_owner, ensure_day, finish, release, renew
+from workers.close.revenue import paid_rates
+from workers.close.rollup import COUNTERS, EXACT, DayTotals, Progress, Window, add_unbilled_holds, rollup_rows, scan_events
 
 DAYS, ROLLUPS = DayClose.__table__, DailyRollup.__table__  # type: ignore[attr-defined]
 FINDINGS, EVENTS, HOLDS = Discrepancy.__table__, UsageEvent.__table__, Hold.__table__  # type: ignore[attr-defined]

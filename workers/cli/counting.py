@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from metering.cli_ledger import register as register_ledger_commands
-from metering.cli_output import EXIT_BAD_INPUT, emit, print_error, printable
-from metering.cli_prices import register as register_pricing_commands
+from workers.cli.ledger import register as register_ledger_commands
+from workers.cli.plumbing import EXIT_BAD_INPUT, emit, print_error, printable
+from workers.cli.prices import register as register_pricing_commands
 from metering.counting import count_request
 from pricing.errors import BillingError, UnknownModel
 from pricing.json_source import JsonLimitError, loads, read_json_file
@@ -31,7 +31,7 @@ register_ledger_commands(app)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print ``error: message`` to stderr (escaped: ``metering.cli_output``) and exit with ``code``."""
+    """Print ``error: message`` to stderr (escaped: ``workers.cli.plumbing``) and exit with ``code``."""
     print_error(message)
     raise typer.Exit(code)
 

@@ -1,12 +1,12 @@
 """The top of the ``metering`` command line: metering's commands plus worker, reconcile, report, export, demo.
 
 Data flows pricing <- metering <- workers, so ``metering`` cannot register commands that need workers: this
-module takes metering's ``app`` and adds them; the console script is ``workers.cli:app`` and
+module takes metering's ``app`` and adds them; the console script is ``workers.cli.main:app`` and
 ``python -m workers`` runs it (``python -m metering`` still runs metering's own commands).
 
 Bad input (a bad day, a day out of bounds or before the ledger's first usage, --from after --to, an
 unknown --by field or time zone) prints ``error: <field>: ...`` on stderr and exits 2 before anything is
-written; stored text is printed escaped (``metering.cli_output``).
+written; stored text is printed escaped (``workers.cli.plumbing``).
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from metering.cli import app
-from metering.cli_ledger import DbOption, JsonOption, PricesOption, ledger_url, load_prices, open_ledger
-from metering.cli_output import emit, print_error, printable
-from metering.cli_output import fail as fail_with
+from workers.cli.counting import app
+from workers.cli.ledger import DbOption, JsonOption, PricesOption, ledger_url, load_prices, open_ledger
+from workers.cli.plumbing import emit, print_error, printable
+from workers.cli.plumbing import fail as fail_with
 from workers.calendar import TZ_ENV, BusinessCalendar, check_day, check_range, parse_day
-from workers.close import check_used_day
+from workers.close.nightly import check_used_day
 from workers.errors import InvalidArgument
-from workers.export import KINDS
+from workers.export.exporter import KINDS
 from workers.progress import row_bar, showing, stage_bars
-from workers.report_options import BY_FIELDS, FORMATS
+from workers.report.options import BY_FIELDS, FORMATS
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -171,7 +171,7 @@ def reconcile(
     target = _day(day, "--day") if day is not None else today - timedelta(days=1)
     if target >= today:
         fail("--day", f"{target} is not over yet in {calendar.time_zone} (today is {today})")
-    from workers.close import reconcile as reconcile_day
+    from workers.close.nightly import reconcile as reconcile_day
 
     meter = open_meter(db, prices)
     try:
@@ -222,7 +222,7 @@ def report(
 ) -> None:
     """Summaries of the closed days: daily totals, invoices, per-model usage, discrepancies, margin (HTML with charts)."""
     first, last = _range(start, end)
-    from workers.report import build_report, check_by, render
+    from workers.report.build import build_report, check_by, render
 
     try:
         fields = check_by([field.strip() for field in by.split(",") if field.strip()])
@@ -285,7 +285,7 @@ def export(
     if out.is_dir():
         fail("--out", f"{out} is a directory: give the CSV file's path")
     calendar = _calendar(tz)
-    from workers.export import check_request, export as write_export
+    from workers.export.exporter import check_request, export as write_export
 
     try:
         check_request(kind, first, last, out, root)
@@ -321,8 +321,8 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """The main job: sample counts, then days of realistic traffic through the ledger, closed, reported, exported."""
-    from workers.demo import DemoError, run_demo
-    from workers.demo_output import print_demo
+    from workers.demo.run import DemoError, run_demo
+    from workers.demo.output import print_demo
 
     if out.exists() and not out.is_dir():
         fail("--out", f"{out} is not a directory")
@@ -382,8 +382,8 @@ def main() -> None:
 
 
 def _register_import() -> None:
-    """``metering import ...`` (workers/cli_import.py imports this module's plumbing, so it is added last)."""
-    from workers.cli_import import import_app
+    """``metering import ...`` (workers/cli/oneapi.py imports this module's plumbing, so it is added last)."""
+    from workers.cli.oneapi import import_app
 
     app.add_typer(import_app, name="import")
 

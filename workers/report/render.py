@@ -3,7 +3,7 @@
 Money is written as exact decimal text everywhere (CNY amounts keep their two decimals); JSON keeps
 integers as numbers and money as strings. Names are data, never markup: rich cells are ``Text``
 objects (a ``[bold]`` in a name is printed as is) with terminal controls escaped (``\x1b``, as every
-command prints stored text: ``metering.cli_output``), HTML cells are escaped, CSV text cells are
+command prints stored text: ``workers.cli.plumbing``), HTML cells are escaped, CSV text cells are
 neutralized against formula injection. Nothing depends on the wall clock: the same report renders to
 the same bytes.
 """
@@ -24,13 +24,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from metering.cli_output import cell
-from workers import charts
-from workers.csv_safety import neutralize
+from workers.cli.plumbing import cell
+import workers.report.charts as charts
+from workers.export.csv_safety import neutralize
 from workers.decimals import decimal_text, money_text
 
 if TYPE_CHECKING:
-    from workers.report import Report
+    from workers.report.build import Report
 
 #: Section attribute -> title, in the order every format shows them.
 SECTIONS = {

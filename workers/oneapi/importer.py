@@ -42,7 +42,7 @@ from metering.ledger.errors import InvalidField, NotFound
 from metering.ledger.meter import KEYS, USERS, Meter, secret_hash
 from pricing.errors import UnknownModel
 from pricing.quote import MAX_QUOTA
-from workers.oneapi_source import (
+from workers.oneapi.source import (
     CONSUME, LOG_TYPES, TOKEN_DISABLED, TOKEN_EXPIRED, OneApiSource, SourceLog, SourceToken, SourceUser,
 )
 

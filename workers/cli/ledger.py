@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from metering.cli_output import cell, emit, fail, printable
+from workers.cli.plumbing import cell, emit, fail, printable
 from pricing.errors import BillingError
 from pricing.quote import MAX_QUOTA, decimal_text
 

@@ -8,8 +8,8 @@ manifest (if any) is removed before the new CSV is renamed into place, so a mani
 describes the CSV beside it: a CSV without a manifest is not known to be complete. Nothing in either
 file depends on the wall clock: the same range exported twice gives byte-identical files.
 
-The columns of each kind are in ``workers.export_columns`` and docs/exports.md. Text cells are
-neutralized against formula injection (``workers.csv_safety``); numbers are written as they are.
+The columns of each kind are in ``workers.export.columns`` and docs/exports.md. Text cells are
+neutralized against formula injection (``workers.export.csv_safety``); numbers are written as they are.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from metering.ledger.database import READ_ONLY
 from workers.atomic_file import AtomicFile, write_atomically
 from workers.calendar import BusinessCalendar, check_range
 from workers.containment import contained
-from workers.csv_writer import UTF8_BOM, CsvChunkWriter
+from workers.export.csv_writer import UTF8_BOM, CsvChunkWriter
 from workers.errors import InvalidArgument
-from workers.export_columns import COLUMNS, column_names
-from workers import export_parallel as parallel
-from workers.export_kinds import PLANS, InvoicePlan, UsagePlan, stream_chunks
+from workers.export.columns import COLUMNS, column_names
+import workers.export.parallel as parallel
+from workers.export.kinds import PLANS, InvoicePlan, UsagePlan, stream_chunks
 
 #: The export kinds.
 KINDS = tuple(COLUMNS)
@@ -74,7 +74,7 @@ def export(
     """Write the ``kind`` export of business days ``start..end`` to ``out`` atomically; returns the manifest.
 
     ``excel`` puts a UTF-8 BOM first. ``progress(rows)`` is called after each chunk with the rows written so far.
-    ``jobs``: processes for a usage export on an SQLite file (``workers.export_parallel``). 1, the default:
+    ``jobs``: processes for a usage export on an SQLite file (``workers.export.parallel``). 1, the default:
     this process only. None: the machine's cores (at most 4) once the range holds enough rows to pay for
     starting them (the command line's default). Workers are spawned, so a script that asks for them must
     guard its top level with ``if __name__ == "__main__":``. The bytes are the same either way.

@@ -1,4 +1,4 @@
-"""``metering import one-api``: bring a one-api / new-api deployment's books into the ledger (workers/oneapi_import.py).
+"""``metering import one-api``: bring a one-api / new-api deployment's books into the ledger (workers/oneapi/importer.py).
 
 Bad input (a --from that is no database we can read, a bad --source or --unknown-group, a conflict with the
 ledger's users or keys) prints ``error: <field>: ...`` on stderr and exits 2 with nothing written. So does a run
@@ -12,9 +12,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from metering.cli_ledger import DbOption, JsonOption, PricesOption, error_message, handled_errors, ledger_url, load_prices
-from metering.cli_output import emit, printable
-from workers.cli import QuietOption, fail, open_meter, stderr, stdout
+from workers.cli.ledger import DbOption, JsonOption, PricesOption, error_message, handled_errors, ledger_url, load_prices
+from workers.cli.plumbing import emit, printable
+from workers.cli.main import QuietOption, fail, open_meter, stderr, stdout
 from workers.progress import showing, stage_bars
 
 import_app = typer.Typer(help="Import another gateway's users, keys and usage into the ledger.", no_args_is_help=True)
@@ -42,8 +42,8 @@ def one_api(
     as_json: JsonOption = False,
 ) -> None:
     """Import a one-api / new-api database: users, keys (same secrets), consume logs as usage, balances."""
-    from workers.oneapi_import import UNKNOWN_GROUP_POLICIES, ImportConflict, import_oneapi
-    from workers.oneapi_source import OneApiSource, SourceError, check_source_name, default_source_name, source_url
+    from workers.oneapi.importer import UNKNOWN_GROUP_POLICIES, ImportConflict, import_oneapi
+    from workers.oneapi.source import OneApiSource, SourceError, check_source_name, default_source_name, source_url
 
     if unknown_group not in UNKNOWN_GROUP_POLICIES:
         fail("--unknown-group", f"must be one of {', '.join(UNKNOWN_GROUP_POLICIES)}, got {unknown_group!r}")

@@ -1,9 +1,9 @@
 """``metering demo``: the whole product on the embedded SQLite default, in well under a minute.
 
 1. The samples: count the bundled requests, replay the bundled streams, run them through a scratch
-   ledger and audit it (metering/demo.py).
+   ledger and audit it (workers/demo/samples.py).
 2. The gateway: customers with grants and promotion top-ups (CNY, USDT), limited and unlimited keys,
-   then ``days`` days of generated traffic through the real Meter API (workers/demo_gateway.py), with a
+   then ``days`` days of generated traffic through the real Meter API (workers/demo/simulated_gateway.py), with a
    price change for gpt-4o in the middle that one gateway instance misses for a few hours.
 3. The worker: closes every day (re-pricing finds the stale instance's charges and posts adjustments),
    writes the nightly CSV exports and the reports, audits the ledger.
@@ -66,7 +66,7 @@ def price_table_with_change(effective_from: datetime) -> PriceTable:
 
 
 def _tracked(progress: StageProgress | None) -> Callable[[Iterable[T], str], Iterator[T]]:
-    """metering.demo's progress wrapper (iterable, label) on top of a stage callback."""
+    """workers.demo.samples's progress wrapper (iterable, label) on top of a stage callback."""
 
     def track(items: Iterable[T], label: str) -> Iterator[T]:
         listed = list(items)
@@ -118,7 +118,7 @@ def shown_url(url: str) -> str:
 
 def run_samples(progress: StageProgress | None) -> dict[str, Any]:
     """Section 1: the bundled samples counted, replayed, and run through a scratch ledger."""
-    from metering.demo import run_demo as run_sample_demo, run_ledger_demo
+    from workers.demo.samples import run_demo as run_sample_demo, run_ledger_demo
 
     samples = resources.files("metering").joinpath("samples")
     track = _tracked(progress)
@@ -160,7 +160,7 @@ def _run_books(meter: Any, calendar: BusinessCalendar, span: list[date], change_
                progress: StageProgress | None, old_prices: PriceTable) -> dict[str, Any]:
     """Sections 2 and 3: the traffic, the closes, the exports and the reports."""
     from metering.ledger import Meter
-    from workers.demo_gateway import Gateway, open_accounts, run_traffic
+    from workers.demo.simulated_gateway import Gateway, open_accounts, run_traffic
     from workers.jobs import Worker
 
     rng = random.Random(SEED)
@@ -192,7 +192,7 @@ def _run_books(meter: Any, calendar: BusinessCalendar, span: list[date], change_
 
 def _write_reports(meter: Any, calendar: BusinessCalendar, span: list[date], out: Path) -> list[str]:
     """The HTML report (charts) and CSV reports of the demo's days."""
-    from workers.report import build_report, render
+    from workers.report.build import build_report, render
 
     written = []
     for name, by, fmt in (("report.html", ("day",), "html"), ("report.csv", ("day",), "csv"),

@@ -1,0 +1,1 @@
+"""The nightly close of a business day: roll-up, revenue, the ledger check and the lease that keeps one closer."""
