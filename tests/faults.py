@@ -158,11 +158,7 @@ class Faults:
                 traceback.print_exc()
                 code = 4
             os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-            return True
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the child ended with status {status}"
-        return False
+        return child_was_killed(pid, "the child")
 
     def arm(self, kind: str, at: int) -> None:
         """Inject ``kind`` at statement ``at`` (``ambiguous``: at COMMIT ``at``), counting from now."""
@@ -268,6 +264,15 @@ class Faults:
 
 
 # ---------------------------------------------------------------------------------------------- lock waits
+
+
+def child_was_killed(pid: int, what: str) -> bool:
+    """Wait for a forked child: True when the injected kill ended it, False when it finished cleanly."""
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return True
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"{what} ended with status {status}"
+    return False
 
 
 def short_lock_waits(engine: Engine) -> None:

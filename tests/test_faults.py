@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import signal
 import sqlite3
 import traceback
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from sqlalchemy import create_engine, text
 from metering.ledger import Meter
 from metering.ledger.database import make_engine
 from tests.databases import BACKENDS, fresh_database, scratch_database, scratch_directory
-from tests.faults import OP_KINDS, SOAK, Faults, Figures, Scenario, short_lock_waits, traced
+from tests.faults import OP_KINDS, SOAK, Faults, Figures, Scenario, child_was_killed, short_lock_waits, traced
 from pricing.usage import UsageRecord
 from tests.test_close import _books
 from tests.test_ledger_model import prices
@@ -227,11 +226,7 @@ def _killed_close(url: str, run: int, at: int) -> bool:
             traceback.print_exc()
             code = 4
         os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-        return True
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the close's child ended with status {status}"
-    return False
+    return child_was_killed(pid, "the close's child")
 
 
 class Copies:
